@@ -1,0 +1,87 @@
+"""KV-cache methods as transformers caches: one registry, one factory.
+
+    cache = make_cache("mix", model.config, cache_size=1024)
+    prepare_model(model)                       # route attention through the shared hook
+    model.generate(input_ids, past_key_values=cache, do_sample=False)
+    cache.kv_bytes(), cache.stats()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from arkv_bench.cache.arkv import ArkvCache, OriginCache
+from arkv_bench.cache.attention import ATTN_NAME, prepare_model
+from arkv_bench.cache.base import BenchCache
+from arkv_bench.cache.full import FullCache
+from arkv_bench.cache.h2o import H2OCache
+from arkv_bench.cache.kivi import KiviCache
+from arkv_bench.cache.quant import FP8Cache
+from arkv_bench.cache.window import WindowCache
+
+METHODS: dict[str, type[BenchCache]] = {
+    cls.method: cls for cls in (FullCache, ArkvCache, OriginCache, FP8Cache, KiviCache, H2OCache, WindowCache)
+}
+
+__all__ = ["METHODS", "ATTN_NAME", "BenchCache", "make_cache", "method_options", "prepare_model"]
+
+
+def method_options(name: str) -> dict[str, Any]:
+    """The options a method takes, with their defaults (their types are the defaults' types)."""
+    return dict(_method(name).defaults)
+
+
+def make_cache(name: str, config: PretrainedConfig, **options: Any) -> BenchCache:
+    """Build the cache of method `name` for a model with this config."""
+    cls = _method(name)
+    unknown = sorted(set(options) - set(cls.defaults))
+    if unknown:
+        raise ValueError(f"method {name!r} has no option {', '.join(unknown)}; its options: {', '.join(cls.defaults)}")
+    opts = {**cls.defaults, **options}
+    _validate(cls, opts)
+    text = config.get_text_config()
+    other = sorted({t for t in (getattr(text, "layer_types", None) or []) if t != "full_attention"})
+    if other:
+        raise ValueError(f"layer types {other} are not supported: arkv-bench caches full-attention layers only")
+    return cls(num_layers=text.num_hidden_layers, **opts)
+
+
+def _method(name: str) -> type[BenchCache]:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def _validate(cls: type[BenchCache], opts: dict[str, Any]) -> None:
+    """Reject impossible options with a message that says what is valid."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ValueError(f"{cls.method}: {message}")
+
+    for key, valid in cls.choices.items():
+        need(opts[key] in valid, f"{key} must be one of {', '.join(map(str, valid))}, got {opts[key]!r}")
+    for key, value in opts.items():
+        default = cls.defaults[key]
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            need(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+                 f"{key} must be a non-negative number, got {value!r}")
+    window = opts["window_size"]
+    need(isinstance(window, int) and window >= 1, f"window_size must be a positive integer, got {window!r}")
+    size = opts["cache_size"]
+    if cls.budgeted:
+        need(isinstance(size, int) and size > window,
+             f"cache_size must be an integer larger than window_size ({window}), got {size!r}")
+    if "n_sink" in opts:
+        need(isinstance(opts["n_sink"], int) and opts["n_sink"] < size, f"n_sink must be an integer below cache_size")
+    if "kernel_size" in opts:
+        need(isinstance(opts["kernel_size"], int) and opts["kernel_size"] % 2 == 1,
+             f"kernel_size must be an odd positive integer, got {opts['kernel_size']!r}")
+    for tau in ("tau1", "tau2", "tau3"):
+        if tau in opts:
+            need(opts[tau] > 0, f"{tau} must be positive, got {opts[tau]!r}")
+    if "group_size" in opts:
+        need(isinstance(opts["group_size"], int) and opts["group_size"] >= 1, "group_size must be a positive integer")
+        need(isinstance(opts["residual_length"], int) and opts["residual_length"] >= opts["group_size"],
+             f"residual_length must be an integer >= group_size ({opts['group_size']})")

@@ -1,0 +1,78 @@
+"""The one attention hook shared by every architecture.
+
+Methods that score tokens need the query and the keys that attention already has. Instead
+of copying any model's forward, we register an attention function named `arkv` with
+transformers' `AttentionInterface`. A cache layer that wants to see the attention marks
+itself "pending" in its `update()` (which the model calls right before attention); the
+hook hands that layer the query, keys, values and mask, and the layer computes attention
+(SDPA) and then compresses. Layers that never mark themselves (the `full` method) go
+straight to SDPA: no extra work.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Protocol
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTN_NAME = "arkv"
+
+
+class AttendingLayer(Protocol):
+    layer_idx: int
+
+    def attend(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]: ...
+
+
+_pending = threading.local()
+
+
+def mark_pending(layer: AttendingLayer) -> None:
+    """Called by a layer's update(): the next attention call belongs to this layer."""
+    _pending.layer = layer
+
+
+def arkv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """SDPA, or the pending cache layer's own attention when one is waiting."""
+    layer = getattr(_pending, "layer", None)
+    if layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    _pending.layer = None
+    if layer.layer_idx != getattr(module, "layer_idx", layer.layer_idx):
+        raise RuntimeError(f"attention of layer {module.layer_idx} received the cache of layer {layer.layer_idx}")
+    return layer.attend(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTN_NAME, arkv_attention)
+AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def prepare_model(model: PreTrainedModel) -> PreTrainedModel:
+    """Route the model's attention through the hook (idempotent). Needed by every method but `full`."""
+    if model.config._attn_implementation != ATTN_NAME:
+        model.set_attn_implementation(ATTN_NAME)
+    return model
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, Hkv, N, D] -> [B, Hkv * groups, N, D], each KV head repeated for its query heads."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def attention_probs(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Softmax attention weights in float32, [B, Hq, q, N].
+
+    `allowed` is a bool mask [B, Hkv or 1, q, N]; fully masked rows (padding queries) give zeros.
+    """
+    groups = query.shape[1] // key.shape[1]
+    logits = torch.matmul(query.float(), repeat_kv(key, groups).float().transpose(-1, -2)) * scaling
+    if allowed.shape[1] not in (1, query.shape[1]):
+        allowed = allowed.repeat_interleave(groups, dim=1)
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0)

@@ -1,0 +1,281 @@
+"""What every arkv-bench cache shares: token positions, budgets, masks and accounting.
+
+A `TokenLayer` holds one layer's tokens at full precision:
+
+    keys, values  [B, H, n, D]  model dtype
+    pos           [B, H, n]     int32, each slot's true sequence index; -1 marks an empty slot
+
+Slots stay sorted by position, so attention sees the kept tokens in their original order.
+Positions are the tokens' true ones: `get_seq_length()` is the number of tokens SEEN, not
+held, so the model gives the next token its true RoPE position after eviction.
+
+Left padding: the first real token of each row is `start[b]` (read from the model's mask
+at prefill). Slots with `pos < start` (padding or empty) are never attended to.
+
+Flow of one forward: `update()` appends the new tokens and marks the layer pending;
+the attention hook calls `attend()`, which runs SDPA and then `after_attention()`, where a
+method scores tokens and drops or quantizes what is over budget.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from arkv_bench.cache.attention import attention_probs, mark_pending
+
+NOT_PREPARED = (
+    "the model's attention does not call the arkv hook, so this cache cannot compress: "
+    "call arkv_bench.cache.prepare_model(model) (or load it with attn_implementation='arkv') first"
+)
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes of the given tensors' elements (None counts 0)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def sorted_selection(keep: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the kept slots of each (row, head), in position order.
+
+    Heads may keep different numbers of slots; all are padded to the largest count and
+    `valid` says which of the returned indices are real.
+    """
+    big = torch.iinfo(torch.int64).max
+    sort_key = torch.where(keep, pos.long(), torch.full_like(pos, big, dtype=torch.long))
+    n_keep = int(keep.sum(dim=-1).max().item()) if keep.numel() else 0
+    sorted_key, idx = sort_key.sort(dim=-1)
+    return idx[..., :n_keep], sorted_key[..., :n_keep] != big
+
+
+def gather_slots(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, H, n, ...] at slot indices idx [B, H, m] -> [B, H, m, ...]."""
+    index = idx.view(*idx.shape, *([1] * (x.dim() - 3))).expand(*idx.shape, *x.shape[3:])
+    if x.element_size() == 1 and x.is_floating_point():  # FP8: gather the raw bytes (no FP8 gather on CPU)
+        return x.view(torch.uint8).gather(2, index).view(x.dtype)
+    return x.gather(2, index)
+
+
+def first_real_index(mask: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+    """Index of each row's first non-padding key, from the model's prefill mask."""
+    if mask is None:
+        return torch.zeros(batch, dtype=torch.int32, device=device)
+    last_query = mask[:, 0, -1, :]
+    visible = last_query if last_query.dtype == torch.bool else last_query == 0
+    return visible.int().argmax(dim=-1).to(torch.int32)
+
+
+class TokenLayer(CacheLayerMixin):
+    """One layer's tokens at full precision, with positions, under a budget of `cache_size` slots."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, layer_idx: int, cache_size: int | None = None, window_size: int = 32, **_: Any):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.cache_size = cache_size
+        self.window_size = window_size
+        self.seen = 0
+        self.start: torch.Tensor | None = None
+        self.pos: torch.Tensor | None = None
+        self.dense = True  # holds exactly tokens 0..seen-1, in order: the model's own mask is valid
+        self.triggered = False
+        self._awaiting_attention = False
+
+    # --- transformers' layer interface -------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states[:, :, :0]
+        self.values = value_states[:, :, :0]
+        self.pos = torch.empty(*key_states.shape[:2], 0, dtype=torch.int32, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self._awaiting_attention:
+            raise RuntimeError(NOT_PREPARED)
+        self.append(key_states, value_states)
+        self._awaiting_attention = True
+        mark_pending(self)
+        return self.view()
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        held = self.held_slots()
+        return held + query_length, self.seen - held
+
+    def get_max_length(self) -> int:
+        return -1
+
+    # --- storage -------------------------------------------------------------------------
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Add new tokens at full precision (the Original state)."""
+        b, h, q, _ = key_states.shape
+        new_pos = torch.arange(self.seen, self.seen + q, dtype=torch.int32, device=self.device).expand(b, h, q)
+        self.keys = torch.cat([self.keys, key_states], dim=2)
+        self.values = torch.cat([self.values, value_states], dim=2)
+        self.pos = torch.cat([self.pos, new_pos], dim=2)
+        self.seen += q
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values attention sees, in position order."""
+        return self.keys, self.values
+
+    def view_positions(self) -> torch.Tensor:
+        """Positions aligned with `view()`."""
+        return self.pos
+
+    def held_slots(self) -> int:
+        return 0 if self.pos is None else self.view_positions().shape[-1]
+
+    def keep(self, keep: torch.Tensor) -> None:
+        """Keep only the marked slots (in position order); everything else is evicted."""
+        idx, valid = sorted_selection(keep, self.pos)
+        self.keys = gather_slots(self.keys, idx)
+        self.values = gather_slots(self.values, idx)
+        self.pos = torch.where(valid, self.pos.gather(2, idx), -1)
+        self.dense = False
+        self.triggered = True
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor this layer holds."""
+        return tensor_bytes(self.keys, self.values, self.pos, self.start)
+
+    # --- attention -----------------------------------------------------------------------
+    def live(self, pos: torch.Tensor) -> torch.Tensor:
+        """Slots that hold a real (non-padding, non-empty) token."""
+        return pos >= self.start.view(-1, 1, 1)
+
+    def allowed(self, pos: torch.Tensor, n_queries: int, first: int = 0, last: int | None = None) -> torch.Tensor:
+        """Bool mask [B, H, q, N] for queries first..last of the last `n_queries` tokens: live keys, causal by true position."""
+        last = n_queries if last is None else last
+        q_pos = torch.arange(self.seen - n_queries + first, self.seen - n_queries + last, device=pos.device, dtype=pos.dtype)
+        causal = pos.unsqueeze(-2) <= q_pos.view(1, 1, -1, 1)
+        return causal & self.live(pos).unsqueeze(-2)
+
+    def probs(self, query: torch.Tensor, key: torch.Tensor, scaling: float, first: int = 0, last: int | None = None
+              ) -> torch.Tensor:
+        """Attention weights [B, Hq, q, N] of queries first..last of this forward over the held keys."""
+        n_queries = query.shape[2]
+        last = n_queries if last is None else last
+        allowed = self.allowed(self.view_positions(), n_queries, first, last)
+        return attention_probs(query[:, :, first:last], key, allowed, scaling)
+
+    def attend(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        """SDPA over the held tokens, then let the method compress."""
+        self._awaiting_attention = False
+        if self.start is None:
+            self.start = first_real_index(attention_mask, query.shape[0], query.device)
+        if not (self.dense and (attention_mask is None or attention_mask.shape[-1] == key.shape[2])):
+            groups = query.shape[1] // key.shape[1]
+            attention_mask = self.allowed(self.view_positions(), query.shape[2]).repeat_interleave(groups, dim=1)
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        self.after_attention(query, key, scaling)
+        return out, None
+
+    def after_attention(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        """Method hook: score and compress. The base class keeps everything."""
+
+    def protected(self, pos: torch.Tensor) -> torch.Tensor:
+        """The recent window: the last `window_size` positions are never evicted nor quantized."""
+        return pos >= self.seen - self.window_size
+
+    def keep_best(self, score: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Mark the `cache_size` best slots: protected ones always, dead ones never."""
+        score = score.masked_fill(self.protected(pos), float("inf")).masked_fill(~self.live(pos), float("-inf"))
+        k = min(self.cache_size, score.shape[-1])
+        top = score.topk(k, dim=-1).indices
+        keep = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top, True)
+        return keep & (score > float("-inf"))
+
+    def over_budget(self) -> bool:
+        return self.cache_size is not None and self.held_slots() > self.cache_size
+
+    # --- accounting ----------------------------------------------------------------------
+    def counts(self) -> dict[str, float]:
+        """Tokens seen, held Original / Quantized, and evicted, averaged over rows and heads."""
+        if self.pos is None or self.start is None:
+            return {"seen": float(self.seen), "original": float(self.seen), "quantized": 0.0, "evicted": 0.0}
+        real_seen = float(self.seen - self.start.float().mean().item())
+        original = self.live(self.pos).float().sum(-1).mean().item()
+        quantized = self.quantized_count()
+        return {"seen": real_seen, "original": original, "quantized": quantized,
+                "evicted": max(real_seen - original - quantized, 0.0)}
+
+    def quantized_count(self) -> float:
+        return 0.0
+
+
+class FullLayer(DynamicLayer):
+    """The model's own dynamic layer (everything at full precision), with accounting."""
+
+    def __init__(self, layer_idx: int, **_: Any):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.triggered = False
+
+    def nbytes(self) -> int:
+        return tensor_bytes(self.keys, self.values) if self.is_initialized else 0
+
+    def counts(self) -> dict[str, float]:
+        seen = float(self.get_seq_length())
+        return {"seen": seen, "original": seen, "quantized": 0.0, "evicted": 0.0}
+
+
+class BenchCache(Cache):
+    """A transformers `Cache` of arkv-bench layers that can say what it holds."""
+
+    method = "base"
+    layer_class: type[CacheLayerMixin] = TokenLayer
+    budgeted = True  # has a hard per-layer token budget (cache_size)
+    defaults: dict[str, Any] = {"cache_size": None, "window_size": 32}
+    choices: dict[str, tuple] = {}
+
+    def __init__(self, num_layers: int, **options: Any):
+        self.num_layers, self.options = num_layers, {**self.defaults, **options}
+        super().__init__(layers=self._new_layers())
+
+    def _new_layers(self) -> list[CacheLayerMixin]:
+        return [self.layer_class(layer_idx=i, **self.options) for i in range(self.num_layers)]
+
+    def reset(self) -> None:
+        """Forget every token (a fresh cache with the same options)."""
+        self.layers = self._new_layers()
+
+    def kv_bytes(self) -> int:
+        """Bytes of every tensor held: values, scales, zero points, positions."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def full_kv_bytes(self) -> int:
+        """What the full (uncompressed) cache would hold for the same tokens."""
+        total = 0
+        for layer in self.layers:
+            if layer.is_initialized:
+                b, h, _, d = layer.keys.shape
+                seen = layer.get_seq_length()
+                total += 2 * b * h * seen * d * torch.empty((), dtype=layer.dtype).element_size()
+        return total
+
+    @property
+    def compressed(self) -> bool:
+        """Whether any layer ever dropped or quantized a token."""
+        return any(layer.triggered for layer in self.layers)
+
+    def layer_extra(self, layer_idx: int) -> dict[str, Any]:
+        """Per-layer method statistics (e.g. ARKV's OQ score)."""
+        return {}
+
+    def stats(self) -> dict[str, Any]:
+        layers = [{"layer": i, **layer.counts(), **self.layer_extra(i)} for i, layer in enumerate(self.layers)]
+        return {"method": self.method, "compressed": self.compressed, "kv_bytes": self.kv_bytes(),
+                "kv_bytes_full": self.full_kv_bytes(), "layers": layers}
