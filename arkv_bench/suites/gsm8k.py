@@ -1,0 +1,23 @@
+"""GSM8K: few-shot from the train split, scored by exact match of the final number."""
+
+from __future__ import annotations
+
+import random
+
+from arkv_bench.metrics import gsm8k_extract
+from arkv_bench.suites.base import Sample, SuiteOptions, limited
+from arkv_bench.suites.data import load_rows
+from arkv_bench.tasks import TaskSpec
+
+
+def build(spec: TaskSpec, options: SuiteOptions) -> list[Sample]:
+    """Prompts = k solved train questions, then the test question."""
+    k = spec.num_fewshot if options.num_fewshot is None else options.num_fewshot
+    rows = limited(load_rows(spec, spec.split, options.data_dir), options.limit)
+    shots = load_rows(spec, spec.fewshot_split, options.data_dir) if k else []
+    random.Random(spec.extra.get("fewshot_seed", 1234)).shuffle(shots)
+    sep, target = spec.extra.get("fewshot_delimiter", "\n\n"), spec.extra.get("target_delimiter", " ")
+    context = "".join(spec.prompt_template.format(**s) + target + s["answer"] + sep for s in shots[:k])
+    return [Sample(sample_id=str(i), prompt=context + spec.prompt_template.format(**row),
+                   references=[row["answer"]], max_new_tokens=spec.max_new_tokens,
+                   extra={"gold": gsm8k_extract(row["answer"])}) for i, row in enumerate(rows)]

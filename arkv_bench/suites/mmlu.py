@@ -1,0 +1,37 @@
+"""MMLU: 5-shot from the dev split; the answer letter is picked by log-likelihood.
+
+The question and its choices are prefilled through the method's (compressed) cache; the
+final "Answer:" is then fed through that cache, so compression affects the letter's odds.
+"""
+
+from __future__ import annotations
+
+from arkv_bench.suites.base import Sample, SuiteOptions, limited
+from arkv_bench.suites.data import load_rows
+from arkv_bench.tasks import TaskSpec
+
+TAIL = "Answer:"
+
+
+def _question(spec: TaskSpec, row: dict) -> str:
+    a, b, c, d = row["choices"]
+    return spec.prompt_template.format(question=row["question"], choice_a=a, choice_b=b, choice_c=c, choice_d=d)
+
+
+def build(spec: TaskSpec, options: SuiteOptions) -> list[Sample]:
+    k = spec.num_fewshot if options.num_fewshot is None else options.num_fewshot
+    letters = list(spec.extra.get("choices", ["A", "B", "C", "D"]))
+    target, sep = spec.extra.get("target_delimiter", " "), spec.extra.get("fewshot_delimiter", "\n\n")
+    rows = limited(load_rows(spec, spec.split, options.data_dir), options.limit)
+    shots = load_rows(spec, spec.fewshot_split, options.data_dir)[:k] if k else []
+    header = spec.extra.get("description", "").format(subject=(spec.config or spec.name).replace("_", " "))
+    context = header + "".join(_question(spec, s) + target + letters[s["answer"]] + sep for s in shots)
+    samples = []
+    for i, row in enumerate(rows):
+        full = context + _question(spec, row)
+        if not full.endswith(TAIL):
+            raise ValueError(f"mmlu prompt_template must end with {TAIL!r}")
+        samples.append(Sample(sample_id=str(i), prompt=full[:-len(TAIL)], tail=TAIL,
+                              references=[letters[row["answer"]]], max_new_tokens=0,
+                              choices=[target + letter for letter in letters]))
+    return samples
