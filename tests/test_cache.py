@@ -9,7 +9,7 @@ from transformers import DynamicCache
 from arkv_bench.cache import METHODS, make_cache
 from arkv_bench.cache.base import TokenLayer
 from arkv_bench.generation import extend, greedy_generate, left_pad, prefill
-from tests.conftest import ARCHS, prompt_ids, tiny_model
+from tests.conftest import ARCHS, DEVICE, prompt_ids, tiny_model
 
 EVICTING = ["mix", "origin", "h2o", "window"]
 
@@ -79,7 +79,7 @@ def held_live(layer) -> torch.Tensor:
 def check_budget(cache, cache_size, window):
     for layer in cache.layers:
         assert held_live(layer).max().item() <= cache_size
-        recent = torch.arange(layer.seen - window, layer.seen, dtype=layer.pos.dtype)
+        recent = torch.arange(layer.seen - window, layer.seen, dtype=layer.pos.dtype, device=layer.pos.device)
         for row in layer.pos.reshape(-1, layer.pos.shape[-1]):
             assert torch.isin(recent, row).all(), "the window must be held at full precision"
 
@@ -167,10 +167,10 @@ def test_positions_after_eviction_are_true_positions(llama):
     for step in range(10):
         seen = n + step
         logits, mask = extend(llama, token, mask, compressed)
-        held = torch.zeros(1, seen + 1, dtype=torch.long)
+        held = torch.zeros(1, seen + 1, dtype=torch.long, device=DEVICE)
         held[:, :sinks] = 1
         held[:, seen + 1 - (size - sinks) - 1:] = 1  # the cache held size tokens, then took the new one
-        positions = torch.tensor([[seen]])
+        positions = torch.tensor([[seen]], device=DEVICE)
         ref = llama(input_ids=token, attention_mask=held, position_ids=positions, past_key_values=reference).logits
         assert (logits - ref).abs().max().item() < 1e-5
         token = logits[:, -1].argmax(-1, keepdim=True)
@@ -183,9 +183,9 @@ def test_batched_rows_equal_rows_alone(llama, method):
     options = {"cache_size": 64, "window_size": 16} if method == "mix" else {}
     alone = []
     for row in rows:
-        ids, mask = left_pad([row], 0)
+        ids, mask = left_pad([row], 0, DEVICE)
         alone.append(greedy_generate(llama, ids, mask, make_cache(method, llama.config, **options), 12).tokens[0])
-    ids, mask = left_pad(rows, 0)
+    ids, mask = left_pad(rows, 0, DEVICE)
     batched = greedy_generate(llama, ids, mask, make_cache(method, llama.config, **options), 12).tokens
     assert batched == alone
 
