@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from arkv_bench.cache.adakv import HEAD_BUDGETS, HeadBudgets
 from arkv_bench.cache.base import BenchCache, TokenLayer, gather_slots, sorted_selection, tensor_bytes
 from arkv_bench.cache.quantize import fp8_dequantize, fp8_quantize
 from arkv_bench.cache.scoring import POOLINGS, heavy_hitter_score, oq_ratios, oq_score
@@ -31,20 +32,26 @@ from arkv_bench.cache.scoring import POOLINGS, heavy_hitter_score, oq_ratios, oq
 PAPER = {"tau1": 7.7744, "tau2": 5.4070, "tau3": 5.5277, "gamma": 263.81, "pooling": "avg", "kernel_size": 5}
 
 
-class ArkvLayer(TokenLayer):
-    """One layer of ARKV: Original store [B, H, n_o, D] + FP8 Quantized store [B, H, n_q, D]."""
+class ArkvLayer(HeadBudgets, TokenLayer):
+    """One layer of ARKV: Original store [B, H, n_o, D] + FP8 Quantized store [B, H, n_q, D].
+
+    `head_budget="adaptive"` splits the kept (Original + Quantized) set between heads as AdaKV does
+    (adakv.py); each head's Original budget stays origin_l."""
 
     quantize = True
 
     def __init__(self, layer_idx: int, cache_size: int, window_size: int = 32, tau1: float = PAPER["tau1"],
                  tau2: float = PAPER["tau2"], tau3: float = PAPER["tau3"], gamma: float = PAPER["gamma"],
-                 pooling: str = "avg", kernel_size: int = 5, **_: Any):
+                 pooling: str = "avg", kernel_size: int = 5, head_budget: str = "uniform", alpha: float = 0.2,
+                 **_: Any):
         super().__init__(layer_idx, cache_size, window_size)
+        self.head_budget, self.alpha = head_budget, alpha
         self.tau = (tau1, tau2, tau3)
         self.gamma, self.pooling, self.kernel_size = gamma, pooling, kernel_size
         self.oq: torch.Tensor | None = None  # [B] OQ score per row, from prefill
         self.ratio: torch.Tensor | None = None  # [B] OQ_l / max_j OQ_j
         self.origin_budget: torch.Tensor | None = None  # [B] Original tokens outside the window
+        self.origin_range = (0, 0)  # (min, max) of origin_budget over rows: the stores' fixed capacities
         self.kq = self.vq = self.k_scale = self.v_scale = self.pos_q = None
         self._order: torch.Tensor | None = None  # merge order of [Original, Quantized] slots, during attention
 
@@ -102,32 +109,28 @@ class ArkvLayer(TokenLayer):
         pos_all = self._all_positions()
         n_o = self.pos.shape[-1]
         keep = self.keep_best(score, pos_all)
+        if not (quantize and self.origin_budget is not None):  # eviction only (the quantized store is empty)
+            self.keep(keep[..., :n_o], self.budget_capacity(n_o))
+            return
         in_orig = torch.arange(pos_all.shape[-1], device=pos_all.device) < n_o
         candidates = keep & in_orig & ~self.protected(pos_all)
-        to_quant = torch.zeros_like(keep)
-        if quantize and self.origin_budget is not None:
-            ranked = score.masked_fill(~candidates, float("-inf"))
-            rank = ranked.argsort(dim=-1, descending=True).argsort(dim=-1)
-            to_quant = candidates & (rank >= self.origin_budget.view(-1, 1, 1))
-        self._rebuild(keep & in_orig & ~to_quant, keep & ~in_orig, to_quant, n_o)
+        rank = score.masked_fill(~candidates, float("-inf")).argsort(dim=-1, descending=True).argsort(dim=-1)
+        to_quant = candidates & (rank >= self.origin_budget.view(-1, 1, 1))
+        self._requantize(torch.cat([keep[..., n_o:], to_quant[..., :n_o]], dim=2))
+        self.keep((keep & ~to_quant)[..., :n_o], self.window_size + self.origin_range[1])
 
-    def _rebuild(self, keep_orig: torch.Tensor, keep_quant: torch.Tensor, to_quant: torch.Tensor, n_o: int) -> None:
-        quant_sel = torch.cat([keep_quant[..., n_o:], to_quant[..., :n_o]], dim=2)
-        if quant_sel.any():
-            new_kq, new_ks = fp8_quantize(self.keys)
-            new_vq, new_vs = fp8_quantize(self.values)
-            pos = torch.cat([self.pos_q, self.pos], dim=2)
-            idx, valid = sorted_selection(quant_sel, pos)
-            self.kq = gather_slots(torch.cat([self.kq, new_kq], dim=2), idx)
-            self.vq = gather_slots(torch.cat([self.vq, new_vq], dim=2), idx)
-            self.k_scale = gather_slots(torch.cat([self.k_scale, new_ks], dim=2), idx)
-            self.v_scale = gather_slots(torch.cat([self.v_scale, new_vs], dim=2), idx)
-            self.pos_q = torch.where(valid, pos.gather(2, idx), -1)
-        elif self.pos_q.shape[-1]:
-            self.kq, self.vq, self.k_scale, self.v_scale = (t[:, :, :0] for t in
-                                                            (self.kq, self.vq, self.k_scale, self.v_scale))
-            self.pos_q = self.pos_q[:, :, :0]
-        self.keep(keep_orig[..., :n_o])
+    def _requantize(self, select: torch.Tensor) -> None:
+        """New Quantized store: the selected slots of [Quantized store, Original store (quantized now)]."""
+        new_kq, new_ks = fp8_quantize(self.keys)
+        new_vq, new_vs = fp8_quantize(self.values)
+        pos = torch.cat([self.pos_q, self.pos], dim=2)
+        capacity = None if self.head_budget == "adaptive" else self.cache_size - self.window_size - self.origin_range[0]
+        idx, valid = sorted_selection(select, pos, capacity)
+        self.kq = gather_slots(torch.cat([self.kq, new_kq], dim=2), idx)
+        self.vq = gather_slots(torch.cat([self.vq, new_vq], dim=2), idx)
+        self.k_scale = gather_slots(torch.cat([self.k_scale, new_ks], dim=2), idx)
+        self.v_scale = gather_slots(torch.cat([self.v_scale, new_vs], dim=2), idx)
+        self.pos_q = torch.where(valid, pos.gather(2, idx), -1)
 
     # --- accounting --------------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -143,8 +146,8 @@ class ArkvCache(BenchCache):
 
     method = "mix"
     layer_class = ArkvLayer
-    defaults = {"cache_size": 1024, "window_size": 32, **PAPER}
-    choices = {"pooling": POOLINGS}
+    defaults = {"cache_size": 1024, "window_size": 32, **PAPER, "head_budget": "uniform", "alpha": 0.2}
+    choices = {"pooling": POOLINGS, "head_budget": HEAD_BUDGETS}
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,6 +164,7 @@ class ArkvCache(BenchCache):
         for layer, ratio in zip(layers, ratios):
             layer.ratio = ratio
             layer.origin_budget = torch.round(ratio * (layer.cache_size - layer.window_size)).long()
+            layer.origin_range = (int(layer.origin_budget.min()), int(layer.origin_budget.max()))  # one sync, once
 
     def layer_extra(self, layer_idx: int) -> dict[str, Any]:
         layer = self.layers[layer_idx]

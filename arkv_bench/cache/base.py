@@ -38,17 +38,20 @@ def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def sorted_selection(keep: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sorted_selection(keep: torch.Tensor, pos: torch.Tensor, capacity: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the kept slots of each (row, head), in position order.
 
-    Heads may keep different numbers of slots; all are padded to the largest count and
-    `valid` says which of the returned indices are real.
+    Heads may keep different numbers of slots; all are padded to `capacity` (by default the
+    largest count, which costs a device sync) and `valid` says which indices are real. A
+    capacity known in advance keeps decoding free of syncs.
     """
     big = torch.iinfo(torch.int64).max
     sort_key = torch.where(keep, pos.long(), torch.full_like(pos, big, dtype=torch.long))
-    n_keep = int(keep.sum(dim=-1).max().item()) if keep.numel() else 0
-    sorted_key, idx = sort_key.sort(dim=-1)
-    return idx[..., :n_keep], sorted_key[..., :n_keep] != big
+    if capacity is None:
+        capacity = int(keep.sum(dim=-1).max().item()) if keep.numel() else 0
+    sorted_key, idx = sort_key.topk(min(capacity, keep.shape[-1]), dim=-1, largest=False, sorted=True)
+    return idx, sorted_key != big
 
 
 def gather_slots(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -136,14 +139,18 @@ class TokenLayer(CacheLayerMixin):
     def held_slots(self) -> int:
         return 0 if self.pos is None else self.view_positions().shape[-1]
 
-    def keep(self, keep: torch.Tensor) -> None:
-        """Keep only the marked slots (in position order); everything else is evicted."""
-        idx, valid = sorted_selection(keep, self.pos)
+    def keep(self, keep: torch.Tensor, capacity: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep only the marked slots (in position order); everything else is evicted.
+
+        Returns the (index, valid) selection so that subclasses can carry their own per-slot data.
+        """
+        idx, valid = sorted_selection(keep, self.pos, capacity)
         self.keys = gather_slots(self.keys, idx)
         self.values = gather_slots(self.values, idx)
         self.pos = torch.where(valid, self.pos.gather(2, idx), -1)
         self.dense = False
         self.triggered = True
+        return idx, valid
 
     def nbytes(self) -> int:
         """Bytes of every tensor this layer holds."""
@@ -197,6 +204,10 @@ class TokenLayer(CacheLayerMixin):
         top = score.topk(k, dim=-1).indices
         keep = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top, True)
         return keep & (score > float("-inf"))
+
+    def budget_capacity(self, n: int) -> int:
+        """Slots a budgeted layer keeps out of n (known without looking at the data)."""
+        return min(self.cache_size, n)
 
     def over_budget(self) -> bool:
         return self.cache_size is not None and self.held_slots() > self.cache_size
@@ -255,6 +266,10 @@ class BenchCache(Cache):
     def kv_bytes(self) -> int:
         """Bytes of every tensor held: values, scales, zero points, positions."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def host_bytes(self) -> int:
+        """Bytes a method keeps off the model's device (e.g. AKV's CPU tier): not part of kv_bytes()."""
+        return 0
 
     def full_kv_bytes(self) -> int:
         """What the full (uncompressed) cache would hold for the same tokens."""

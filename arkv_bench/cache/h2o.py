@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from arkv_bench.cache.base import BenchCache, TokenLayer, gather_slots, sorted_selection, tensor_bytes
+from arkv_bench.cache.base import BenchCache, TokenLayer, tensor_bytes
 
 QUERY_CHUNK = 256  # prefill queries scored at once: bounds the [B, H, chunk, N] weights in memory
 
@@ -37,9 +37,8 @@ class H2OLayer(TokenLayer):
             self.acc += a.sum(dim=2).view(b, kv_heads, hq // kv_heads, n).mean(dim=2)
         if self.over_budget():
             keep = self.keep_best(self.acc, self.pos)
-            idx, valid = sorted_selection(keep, self.pos)
+            idx, valid = self.keep(keep, self.budget_capacity(keep.shape[-1]))
             self.acc = torch.where(valid, self.acc.gather(2, idx), 0.0)
-            self.keep(keep)
 
     def nbytes(self) -> int:
         return super().nbytes() + tensor_bytes(self.acc)

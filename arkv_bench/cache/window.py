@@ -21,7 +21,7 @@ class WindowLayer(TokenLayer):
             return
         sink = self.live(self.pos) & (self.pos - self.start.view(-1, 1, 1) < self.n_sink)
         recency = self.pos.float().masked_fill(sink, float("inf"))
-        self.keep(self.keep_best(recency, self.pos))
+        self.keep(self.keep_best(recency, self.pos), self.budget_capacity(self.pos.shape[-1]))
 
 
 class WindowCache(BenchCache):
