@@ -3,6 +3,9 @@
     python scripts/bench.py --model smollm2-135m --device cuda --dtype bfloat16 \
         --prompt-tokens 2048,8000 --new-tokens 128 --cache-size 256 --batch-size 1
 
+`--random-arch llama-3.1-8b` (or qwen3-8b) times a randomly initialised model of that exact shape
+instead: the speed and memory of an 8B model without its weights (the scores would be meaningless).
+
 Prints, per (prompt length, method): prefill ms, TTFT ms, decode tok/s, ITL p50/p99, the cache's
 kv_bytes, peak GPU memory, and each as a ratio to `full` at the same prompt length. Prompts are
 random token ids (speed does not depend on content); EOS is ignored so every method decodes the
@@ -19,6 +22,35 @@ import torch
 from arkv_bench.cache import METHODS, make_cache, prepare_model
 from arkv_bench.generation import greedy_generate
 from arkv_bench.models import load_model
+
+
+RANDOM_ARCHS = {
+    "llama-3.1-8b": ("LlamaConfig", "LlamaForCausalLM", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072)),
+    "qwen3-8b": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, rope_theta=1000000.0,
+        max_position_embeddings=40960)),
+}
+
+
+def random_model(arch: str, device: str, dtype: str) -> tuple[torch.nn.Module, dict]:
+    """A model of a real architecture's exact shape with random weights (for timing only)."""
+    import transformers
+
+    config_name, model_name, shape = RANDOM_ARCHS[arch]
+    config = getattr(transformers, config_name)(**shape)
+    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype, torch.bfloat16)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype)
+    try:
+        with torch.device("cuda" if device in ("auto", "cuda") else device):
+            model = getattr(transformers, model_name)(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    model.requires_grad_(False)
+    return model, {"model": f"{arch} (random weights)", "device": str(model.device), "dtype": str(torch_dtype)}
 
 
 def measure(model, ids, method: str, cache_size: int, window: int, new_tokens: int, repeats: int) -> dict:
@@ -46,6 +78,7 @@ def measure(model, ids, method: str, cache_size: int, window: int, new_tokens: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
+    parser.add_argument("--random-arch", choices=sorted(RANDOM_ARCHS), default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--methods", default=",".join(METHODS))
@@ -57,7 +90,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    model, _, info = load_model(args.model, args.device, args.dtype)
+    if args.random_arch:
+        model, info = random_model(args.random_arch, args.device, args.dtype)
+    else:
+        model, _, info = load_model(args.model, args.device, args.dtype)
     prepare_model(model)
     device = model.device
     methods = args.methods.split(",")

@@ -69,10 +69,12 @@ def attention_probs(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tenso
     """Softmax attention weights in float32, [B, Hq, q, N].
 
     `allowed` is a bool mask [B, Hkv or 1, q, N]; fully masked rows (padding queries) give zeros.
+    The query heads of a KV group are multiplied against their shared keys directly, so the
+    keys are never repeated per query head.
     """
-    groups = query.shape[1] // key.shape[1]
-    logits = torch.matmul(query.float(), repeat_kv(key, groups).float().transpose(-1, -2)) * scaling
-    if allowed.shape[1] not in (1, query.shape[1]):
-        allowed = allowed.repeat_interleave(groups, dim=1)
-    logits = logits.masked_fill(~allowed, float("-inf"))
-    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    b, hq, q, d = query.shape
+    hkv, n = key.shape[1], key.shape[2]
+    grouped = query.reshape(b, hkv, (hq // hkv) * q, d).float()
+    logits = torch.matmul(grouped, key.float().transpose(-1, -2)).view(b, hkv, hq // hkv, q, n) * scaling
+    logits = logits.masked_fill(~allowed.unsqueeze(2), float("-inf"))
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0).view(b, hq, q, n)

@@ -88,6 +88,7 @@ class TokenLayer(CacheLayerMixin):
         self.dense = True  # holds exactly tokens 0..seen-1, in order: the model's own mask is valid
         self.triggered = False
         self._awaiting_attention = False
+        self._allowed: torch.Tensor | None = None  # this forward's attention mask, while attention runs
 
     # --- transformers' layer interface -------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -173,7 +174,10 @@ class TokenLayer(CacheLayerMixin):
         """Attention weights [B, Hq, q, N] of queries first..last of this forward over the held keys."""
         n_queries = query.shape[2]
         last = n_queries if last is None else last
-        allowed = self.allowed(self.view_positions(), n_queries, first, last)
+        if self._allowed is not None:
+            allowed = self._allowed[:, :, first:last]
+        else:
+            allowed = self.allowed(self.view_positions(), n_queries, first, last)
         return attention_probs(query[:, :, first:last], key, allowed, scaling)
 
     def attend(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -183,11 +187,12 @@ class TokenLayer(CacheLayerMixin):
         if self.start is None:
             self.start = first_real_index(attention_mask, query.shape[0], query.device)
         if not (self.dense and (attention_mask is None or attention_mask.shape[-1] == key.shape[2])):
-            groups = query.shape[1] // key.shape[1]
-            attention_mask = self.allowed(self.view_positions(), query.shape[2]).repeat_interleave(groups, dim=1)
+            self._allowed = self.allowed(self.view_positions(), query.shape[2])
+            attention_mask = self._allowed.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
         self.after_attention(query, key, scaling)
+        self._allowed = None
         return out, None
 
     def after_attention(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
