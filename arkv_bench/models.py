@@ -121,7 +121,7 @@ def ensure_converted(gguf: Path, out_dir: Path) -> Path:
     """Return ``out_dir`` holding ``gguf`` as config + safetensors + tokenizer, converting if needed."""
     if is_converted(out_dir, gguf):
         return out_dir
-    logger.warning("arkv-bench: converting %s once into %s (dequantizing, ~30-60 s on CPU)", gguf.name, out_dir)
+    logger.info("arkv-bench: converting %s once into %s (dequantizing, ~30-60 s on CPU)", gguf.name, out_dir)
     t0 = time.perf_counter()
 
     def write(tmp: Path) -> None:
@@ -129,7 +129,7 @@ def ensure_converted(gguf: Path, out_dir: Path) -> Path:
         (tmp / _MARKER).write_text(json.dumps(_marker_for(gguf)))
 
     publish_atomically(out_dir, write, keep_existing=lambda d: is_converted(d, gguf))
-    logger.warning("arkv-bench: conversion done in %.1f s", time.perf_counter() - t0)
+    logger.info("arkv-bench: conversion done in %.1f s", time.perf_counter() - t0)
     return out_dir
 
 
@@ -147,6 +147,7 @@ def publish_atomically(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         write(tmp)
+        _make_readable(tmp)
         if keep_existing is not None and keep_existing(out_dir):
             return out_dir
         if out_dir.exists():  # an old or incomplete folder: move it aside, then drop it
@@ -163,6 +164,13 @@ def publish_atomically(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _make_readable(folder: Path) -> None:
+    """mkdtemp makes the folder private; a model cache should read like any other download."""
+    folder.chmod(0o755)
+    for p in folder.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
 
 
 def _sweep_stale_tmp(out_dir: Path) -> None:
@@ -201,7 +209,8 @@ def _write_gguf_as_folder(gguf: Path, dest: Path) -> None:
         skeleton = AutoModelForCausalLM.from_config(config)
     tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton)["tensors"]
     _check_complete(skeleton, config, tensors)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    weights = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(weights, str(dest / "model.safetensors"), metadata={"format": "pt"})
     dtypes = {v.dtype for v in tensors.values()}
     config.dtype = torch.float32 if torch.float32 in dtypes or len(dtypes) != 1 else dtypes.pop()
     config.save_pretrained(dest)
@@ -302,7 +311,7 @@ def resolve_source(spec: str | None) -> tuple[str, str, bool]:
             raise ModelError(f"{spec!r} is a file but not a .gguf; pass a model folder or a .gguf file")
         return str(ensure_converted(path, _gguf_cache_dir(path))), path.stem, True
     if path.is_dir():
-        return _resolve_folder(path), path.resolve().name, True
+        return (*_resolve_folder(path), True)
     if _looks_like_path(spec):
         raise ModelError(f"local model path {spec!r} does not exist")
     if not _HUB_ID.match(spec):
@@ -327,13 +336,13 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
-def _resolve_folder(path: Path) -> str:
-    """A folder with config.json as-is; a folder holding a single GGUF converts that file."""
+def _resolve_folder(path: Path) -> tuple[str, str]:
+    """``(source, display_name)``: a folder with config.json as-is; one holding a single GGUF converts it."""
     if (path / "config.json").is_file():
-        return str(path)
+        return str(path), path.resolve().name
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
-        return str(ensure_converted(ggufs[0], _gguf_cache_dir(ggufs[0])))
+        return str(ensure_converted(ggufs[0], _gguf_cache_dir(ggufs[0]))), ggufs[0].stem
     raise ModelError(f"{str(path)!r} is not a model folder: no config.json (and not exactly one .gguf file)")
 
 

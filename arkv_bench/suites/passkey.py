@@ -15,20 +15,19 @@ from typing import Any
 MIN_CONTEXT_LENGTH = 200
 LENGTH_TOLERANCE = 0.05
 
+# Naming the pass key and its form up front matters for small chat models: with a vaguer
+# "important information" intro SmolLM2-135M-Instruct answers from imagination far more often.
 INTRO = (
-    "Below is a long stretch of ordinary text. Somewhere inside it there is one important fact. "
-    "Find it and keep it in mind, because you will be asked about it at the end."
+    "Somewhere in the text below there is a pass key, a five-digit number. "
+    "Find it and remember it. At the end you will be asked for the pass key."
 )
 # Short sentences keep the needle close to the requested depth (it sits on a sentence boundary).
 FILLER_SENTENCES = (
-    "The grass on the hill is green and soft.",
-    "Above it the sky is clear and blue.",
-    "The sun is warm and bright today.",
-    "A slow wind moves over the fields.",
-    "Small white clouds drift toward the east.",
-    "Near the path, a stream runs over round stones.",
-    "Birds rest quietly in the old oak tree.",
-    "Later the light turns gold and the air cools.",
+    "The grass is green.",
+    "The sky is blue.",
+    "The sun is warm.",
+    "Birds sing in the trees.",
+    "The river flows on.",
 )
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
@@ -54,11 +53,10 @@ def build_prompt(n_filler: int, needle_after: int, key: str) -> tuple[str, int]:
     """
     filler = [FILLER_SENTENCES[i % len(FILLER_SENTENCES)] for i in range(n_filler)]
     k = max(0, min(needle_after, n_filler))
-    before = " ".join([INTRO, *filler[:k]])
-    needle = NEEDLE.format(key=key)
+    before = f"{INTRO}\n\n" + "".join(f"{s} " for s in filler[:k])
     after = " ".join(filler[k:])
-    text = f"{before} {needle}" + (f" {after}" if after else "") + f"\n\n{QUESTION}"
-    return text, len(before) + 1
+    text = before + NEEDLE.format(key=key) + (f" {after}" if after else "") + f"\n\n{QUESTION}"
+    return text, len(before)
 
 
 class _Measurer:
