@@ -25,7 +25,7 @@ CONFIG_KEYS = {"suite", "tasks", "quant_type", "cache_size", "window_size", "met
 
 def fail(message: str) -> None:
     """One red line, exit code 2."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # one line, never wrapped
     raise typer.Exit(2)
 
 
@@ -53,12 +53,19 @@ def _read_config(path: Optional[Path]) -> dict[str, Any]:
 def _typed(method_defaults: list[dict[str, Any]], key: str, value: str) -> Any:
     """Type a --method-option value as the methods that declare it do."""
     kinds = {type(d[key]) for d in method_defaults if key in d and d[key] is not None}
+    if bool in kinds:
+        flags = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+        if value.lower() not in flags:
+            fail(f"--method-option {key}={value}: {key} takes true or false")
+        return flags[value.lower()]
     for kind in (int, float):
         if kind in kinds:
             try:
                 return kind(value)
             except ValueError:
-                fail(f"--method-option {key}={value}: {key} takes a {kind.__name__}")
+                if kind is int and float in kinds:
+                    continue
+                fail(f"--method-option {key}={value}: {key} takes a {'number' if kind is float else 'whole number'}")
     return value
 
 
@@ -123,7 +130,11 @@ def _options(merged: dict[str, Any], method_option: list[str], RunOptions: Any, 
     for key in ("window_size", "model", "limit", "batch_size", "seed", "device", "dtype", "chat_template",
                 "data_dir", "num_fewshot", "samples_per_cell", "max_length"):
         if key in merged:
-            setattr(opts, key, merged[key])
+            value = merged[key]
+            ints = ("window_size", "limit", "batch_size", "seed", "num_fewshot", "samples_per_cell", "max_length")
+            if key in ints and (isinstance(value, bool) or not isinstance(value, int)):
+                raise UsageError(f"{key} must be a whole number, got {value!r}: fix it in the config file")
+            setattr(opts, key, value if key in ints else str(value))
     try:
         if "context_lengths" in merged:
             opts.context_lengths = [int(x) for x in _split(merged["context_lengths"])]
@@ -148,11 +159,16 @@ def _options(merged: dict[str, Any], method_option: list[str], RunOptions: Any, 
 def _run(opts: Any, out_root: Path, run_name: Optional[str], quiet: bool) -> None:
     from arkv_bench.models import ModelError, load_model
     from arkv_bench.results import write_summaries
-    from arkv_bench.runner import Context, execute, open_run, plan, validate
+    from arkv_bench.runner import Context, check_model, check_run_folder, execute, open_run, plan, validate
     from arkv_bench.suites import DataError
 
     started = time.perf_counter()
+    if quiet:  # no "Loading weights" bar either
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     tasks = validate(opts)
+    check_run_folder(opts, out_root, run_name)  # before the model loads: a clash fails in a second
     try:
         model, tokenizer, info = load_model(opts.model, opts.device, opts.dtype, opts.trust_remote_code,
                                             attn_implementation="arkv")
@@ -161,6 +177,7 @@ def _run(opts: Any, out_root: Path, run_name: Optional[str], quiet: bool) -> Non
     eos = model.generation_config.eos_token_id
     eos_ids = [e for e in (eos if isinstance(eos, list) else [eos, tokenizer.eos_token_id]) if e is not None]
     ctx = Context(model=model, tokenizer=tokenizer, opts=opts, info=info, eos=sorted(set(eos_ids)))
+    check_model(ctx)
     try:
         work = plan(ctx, tasks)
     except (DataError, ValueError) as e:
@@ -199,6 +216,22 @@ def summary_table(rows: list[dict[str, Any]]) -> Table:
                       _fmt(r["compressed_frac"], 2), _fmt(r["evicted_frac"], 2), _fmt(r["quantized_frac"], 2),
                       r["status"])
     return table
+
+
+DEMO = {"suite": "passkey", "quant_type": "full,mix,h2o,window,quant", "cache_size": "256"}
+
+
+@app.command()
+def demo(out_dir: Path = typer.Option(Path("results"), "--out", help="results folder")) -> None:
+    """The offline demo: passkey on the embedded model with full, mix, h2o, window and quant at cache 256."""
+    from arkv_bench.runner import RunOptions, UsageError, parse_cache_size
+
+    console.print("demo: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO.items()), highlight=False)
+    try:
+        _run(_options(dict(DEMO), [], RunOptions, parse_cache_size), out_dir, "demo", quiet=False)
+    except UsageError as e:
+        fail(str(e))
+    console.print(f"next: arkv-bench compare {out_dir}   and   arkv-bench report {out_dir} --html", highlight=False)
 
 
 @app.command("list")

@@ -26,6 +26,25 @@ def _key(task: str, sample_id: str, method: str, size: Any) -> tuple[str, str, s
     return task, str(sample_id), method, "" if size is None else str(size)
 
 
+def read_records(path: Path) -> tuple[list[dict[str, Any]], list[str], bool]:
+    """The complete records of a sample log, their lines, and whether the file needs repair
+    (a torn line from a killed write, or a last line without its newline)."""
+    if not path.exists():
+        return [], [], False
+    text = path.read_text(encoding="utf-8")
+    records: list[dict[str, Any]] = []
+    good: list[str] = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+            good.append(line)
+    return records, good, (len(good) != len(text.splitlines()) or bool(text) and not text.endswith("\n"))
+
+
 class SampleLog:
     """samples.jsonl: one line per finished sample, flushed to disk at once.
 
@@ -35,16 +54,14 @@ class SampleLog:
 
     def __init__(self, path: Path):
         self.path = path
-        self.records: list[dict[str, Any]] = []
-        if path.exists():
-            good: list[str] = []
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    self.records.append(json.loads(line))
-                    good.append(line)
-                except json.JSONDecodeError:
-                    break
-            path.write_text("".join(g + "\n" for g in good), encoding="utf-8")
+        self.records, good, repair = read_records(path)
+        if repair:  # rewrite without the torn line, atomically: a kill now must not lose the good lines
+            tmp = path.with_suffix(".tmp")
+            with tmp.open("w", encoding="utf-8") as f:
+                f.write("".join(g + "\n" for g in good))
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(path)
         self.done = {_key(r["task"], r["sample_id"], r["quant_type"], r["cache_size"]) for r in self.records}
 
     def has(self, task: str, sample_id: str, method: str, size: Any) -> bool:
@@ -137,7 +154,7 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> No
 def write_summaries(folder: Path, info: dict[str, Any]) -> list[dict[str, Any]]:
     """Rebuild summary.csv and layer_stats.csv from samples.jsonl; return the summary rows."""
     config = json.loads((folder / "config.json").read_text())
-    records = SampleLog(folder / "samples.jsonl").records
+    records = read_records(folder / "samples.jsonl")[0]  # read only: rewriting here could lose lines on a kill
     rows = summarise(records, info, config["options"]["window_size"])
     _write_csv(folder / "summary.csv", SUMMARY_COLUMNS, rows)
     _write_csv(folder / "layer_stats.csv", LAYER_COLUMNS, layer_rows(records))

@@ -118,8 +118,9 @@ def validate(opts: RunOptions) -> list[TaskSpec]:
             raise UsageError(f"cache size {size} must be larger than the window size {opts.window_size}")
     for name, value in (("--limit", opts.limit), ("--batch-size", opts.batch_size), ("--num-fewshot", opts.num_fewshot),
                         ("--samples-per-cell", opts.samples_per_cell), ("--max-length", opts.max_length)):
-        if value is not None and value < (1 if name in ("--batch-size", "--samples-per-cell") else 0):
-            raise UsageError(f"{name} must not be negative (got {value})")
+        least = 1 if name in ("--batch-size", "--samples-per-cell") else 0
+        if value is not None and value < least:
+            raise UsageError(f"{name} must be {'at least 1' if least else 'zero or more'}, got {value}")
     if opts.chat_template not in CHAT_CHOICES:
         raise UsageError(f"--chat-template must be one of {', '.join(CHAT_CHOICES)}")
     for depth in opts.depths or []:
@@ -127,15 +128,25 @@ def validate(opts: RunOptions) -> list[TaskSpec]:
             raise UsageError(f"depth {depth} must be in [0, 1]")
     if opts.data_dir is not None and not Path(opts.data_dir).is_dir():
         raise UsageError(f"--data-dir {opts.data_dir} is not a folder")
+    sizes = [k for k in opts.method_options if k in ("cache_size", "window_size")]
+    if sizes:
+        raise UsageError(f"{sizes[0]} is not a method option: use --{sizes[0].replace('_', '-')}")
     unknown = [k for k in opts.method_options if not any(k in METHODS[m].defaults for m in opts.quant_types)]
     if unknown:
         raise UsageError(f"no selected method has option {', '.join(unknown)}; see `arkv-bench list` for each method's options")
-    for name in opts.quant_types:
-        try:
-            make_cache(name, _FakeConfig(), **cache_options(opts, name, 4096))
-        except ValueError as e:
-            raise UsageError(str(e)) from e
+    check_caches(opts, _FakeConfig())
     return tasks
+
+
+def check_caches(opts: RunOptions, model_config: Any, prefix: str = "") -> None:
+    """Build each (method, cache size) once, so impossible options fail before anything is written."""
+    for method, size in configurations(opts):
+        # a fraction's budget is at least window + 1 (budget_for): check that smallest case
+        budget = None if size is None else size if isinstance(size, int) else opts.window_size + 1
+        try:
+            make_cache(method, model_config, **cache_options(opts, method, budget))
+        except ValueError as e:
+            raise UsageError(f"{prefix}{e}") from e
 
 
 class _FakeConfig:
@@ -255,8 +266,8 @@ def run_batch(ctx: Context, spec: TaskSpec, batch: list[Sample], method: str, si
         predictions = [_cut_at_stop(tok.decode(t, skip_special_tokens=True), spec.stop) for t in gen.tokens]
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     layers = gen.stats.get("layers", [])
-    return [_record(spec, s, method, size, budget, ids, pred, gen, i, len(batch), peak, layers)
-            for i, (s, ids, pred) in enumerate(zip(batch, encoded, predictions))]
+    return [{**_record(spec, s, method, size, budget, ids, pred, gen, i, len(batch), peak, layers),
+             "window_size": opts.window_size} for i, (s, ids, pred) in enumerate(zip(batch, encoded, predictions))]
 
 
 def _fractions(layers: list[dict[str, Any]]) -> tuple[float, float, list[list[float | None]]]:
@@ -284,9 +295,10 @@ def _record(spec: TaskSpec, sample: Sample, method: str, size: int | float | Non
                                                                      if k != "all_classes"}}
 
 
-def oom_record(spec: TaskSpec, sample: Sample, method: str, size: int | float | None) -> dict[str, Any]:
+def oom_record(spec: TaskSpec, sample: Sample, method: str, size: int | float | None,
+               window: int | None = None) -> dict[str, Any]:
     return {"suite": spec.suite, "task": spec.name, "sample_id": sample.sample_id, "quant_type": method,
-            "cache_size": size, "status": "oom", "references": sample.references, "extra": {}}
+            "cache_size": size, "window_size": window, "status": "oom", "references": sample.references, "extra": {}}
 
 
 def warm_up(ctx: Context, method: str) -> None:
@@ -320,19 +332,42 @@ def batches(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
         yield samples[i:i + size]
 
 
-def open_run(opts: RunOptions, out: Path, run_name: str | None, info: dict[str, Any], chats: dict[str, bool]
-             ) -> tuple[Path, SampleLog]:
-    """Create or reopen the run folder; a folder of another run under the same name is an error."""
+def check_run_folder(opts: RunOptions, out: Path, run_name: str | None) -> Path:
+    """The run folder; raises UsageError (writing nothing) if it holds another run's results."""
     folder = out / (run_name or opts.default_run_name())
     config_path = folder / "config.json"
     if config_path.exists():
-        previous = json.loads(config_path.read_text())
-        if previous.get("options") != json.loads(json.dumps(opts.key(), default=str)):
+        try:
+            previous = json.loads(config_path.read_text())
+        except (OSError, ValueError):
+            previous = {}
+        if not isinstance(previous, dict) or previous.get("options") != json.loads(json.dumps(opts.key(), default=str)):
             raise UsageError(f"{folder} holds a different run's results: choose another --run-name or remove it")
+    elif folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder} is a file, not a results folder: choose another --out or --run-name")
+    return folder
+
+
+def check_model(ctx: Context) -> None:
+    """Every selected method can build its cache for this model (checked before anything is written)."""
+    check_caches(ctx.opts, ctx.model.config, prefix=f"{ctx.info['model']}: ")
+
+
+def open_run(opts: RunOptions, out: Path, run_name: str | None, info: dict[str, Any], chats: dict[str, bool]
+             ) -> tuple[Path, SampleLog]:
+    """Create or reopen the run folder; a folder of another run under the same name is an error."""
+    folder = check_run_folder(opts, out, run_name)
+    config_path = folder / "config.json"
+    key = opts.key()
+    # the documented keys (docs/results-format.md) on top; "options" is what a resume must match
+    config = {"run_name": folder.name, "suite": opts.suite, "tasks": list(chats), "quant_types": opts.quant_types,
+              "cache_sizes": opts.cache_sizes, "window_size": opts.window_size,
+              "method_options": opts.method_options, "model": info["model"], "limit": opts.limit,
+              "batch_size": opts.batch_size, "seed": opts.seed, "device": info["device"], "dtype": info["dtype"],
+              "attn_implementation": "arkv (SDPA inside)",
+              "chat_template": all(chats.values()) if len(set(chats.values())) <= 1 else chats,
+              "options": key, "provenance": provenance(info)}
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"run_name": folder.name, "options": opts.key(), "model": info["model"], "device": info["device"],
-              "dtype": info["dtype"], "attn_implementation": "arkv (SDPA inside)",
-              "chat_template": chats, "provenance": provenance(info)}
     tmp = config_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(config, indent=2, default=str))
     tmp.replace(config_path)
@@ -365,7 +400,7 @@ def execute(ctx: Context, work: list[tuple[TaskSpec, list[Sample], bool]], folde
                 except (torch.OutOfMemoryError, MemoryError):
                     torch.cuda.empty_cache() if torch.cuda.is_available() else None
                     for s in todo[todo.index(batch[0]):]:
-                        log.append(oom_record(spec, s, method, size))
+                        log.append(oom_record(spec, s, method, size, opts.window_size))
                     break
                 for record in records:
                     log.append(record)

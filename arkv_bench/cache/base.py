@@ -77,11 +77,13 @@ class TokenLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, layer_idx: int, cache_size: int | None = None, window_size: int = 32, **_: Any):
+    def __init__(self, layer_idx: int, cache_size: int | None = None, window_size: int = 32, slack: int = 0,
+                 **_: Any):
         super().__init__()
         self.layer_idx = layer_idx
         self.cache_size = cache_size
         self.window_size = window_size
+        self.slack = slack  # extra slots freed per eviction, so that evictions happen every slack + 1 steps
         self.seen = 0
         self.start: torch.Tensor | None = None
         self.pos: torch.Tensor | None = None
@@ -203,16 +205,16 @@ class TokenLayer(CacheLayerMixin):
         return pos >= self.seen - self.window_size
 
     def keep_best(self, score: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Mark the `cache_size` best slots: protected ones always, dead ones never."""
+        """Mark the `cache_size - slack` best slots: protected ones always, dead ones never."""
         score = score.masked_fill(self.protected(pos), float("inf")).masked_fill(~self.live(pos), float("-inf"))
-        k = min(self.cache_size, score.shape[-1])
+        k = self.budget_capacity(score.shape[-1])
         top = score.topk(k, dim=-1).indices
         keep = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top, True)
         return keep & (score > float("-inf"))
 
     def budget_capacity(self, n: int) -> int:
         """Slots a budgeted layer keeps out of n (known without looking at the data)."""
-        return min(self.cache_size, n)
+        return min(self.cache_size - self.slack, n)
 
     def over_budget(self) -> bool:
         return self.cache_size is not None and self.held_slots() > self.cache_size

@@ -19,8 +19,8 @@ QUERY_CHUNK = 256  # prefill queries scored at once: bounds the [B, H, chunk, N]
 class H2OLayer(TokenLayer):
     """Full-precision store plus `acc` [B, Hkv, n] float32, the attention each slot has received."""
 
-    def __init__(self, layer_idx: int, cache_size: int, window_size: int = 32, **_: Any):
-        super().__init__(layer_idx, cache_size, window_size)
+    def __init__(self, layer_idx: int, cache_size: int, window_size: int = 32, slack: int = 0, **_: Any):
+        super().__init__(layer_idx, cache_size, window_size, slack)
         self.acc: torch.Tensor | None = None
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -47,4 +47,4 @@ class H2OLayer(TokenLayer):
 class H2OCache(BenchCache):
     method = "h2o"
     layer_class = H2OLayer
-    defaults = {"cache_size": 1024, "window_size": 32}
+    defaults = {"cache_size": 1024, "window_size": 32, "slack": 0}

@@ -12,8 +12,9 @@ from arkv_bench.cache.base import BenchCache, TokenLayer
 class WindowLayer(TokenLayer):
     """Full-precision store; over budget, keep the sinks and the newest `cache_size - n_sink` tokens."""
 
-    def __init__(self, layer_idx: int, cache_size: int, window_size: int = 32, n_sink: int = 4, **_: Any):
-        super().__init__(layer_idx, cache_size, window_size)
+    def __init__(self, layer_idx: int, cache_size: int, window_size: int = 32, n_sink: int = 4, slack: int = 0,
+                 **_: Any):
+        super().__init__(layer_idx, cache_size, window_size, slack)
         self.n_sink = n_sink
 
     def after_attention(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
@@ -27,4 +28,4 @@ class WindowLayer(TokenLayer):
 class WindowCache(BenchCache):
     method = "window"
     layer_class = WindowLayer
-    defaults = {"cache_size": 1024, "window_size": 32, "n_sink": 4}
+    defaults = {"cache_size": 1024, "window_size": 32, "n_sink": 4, "slack": 0}

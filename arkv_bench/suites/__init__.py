@@ -33,7 +33,12 @@ def build_samples(spec: TaskSpec, options: SuiteOptions, tokenizer: Any, chat: b
         return _passkey(spec, options, tokenizer, chat)
     builders = {"gsm8k": gsm8k.build, "mmlu": mmlu.build, "longbench": longbench.build,
                 "longbench_e": longbench.build}
-    return builders[spec.suite](spec, options)
+    try:
+        return builders[spec.suite](spec, options)
+    except (KeyError, IndexError, TypeError, AttributeError) as e:  # a row that is not in the Hub schema
+        where = f"--data-dir {options.data_dir}" if options.data_dir else spec.hub_id
+        raise DataError(f"{spec.suite}/{spec.name}: the rows from {where} are not in the Hub schema "
+                        f"({type(e).__name__}: {e}); fix the file to have the dataset's fields") from e
 
 
 def score(spec: TaskSpec, sample: Sample, prediction: str) -> float:

@@ -40,18 +40,38 @@ def load_rows(spec: TaskSpec, split: str, data_dir: Path | None) -> list[dict[st
                             f"{data_dir / spec.name / (split + '.jsonl')} (or .parquet)")
         path = found[0]
         kind = "parquet" if path.suffix == ".parquet" else "json"
+        level = datasets.utils.logging.get_verbosity()
+        datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)  # no logged traceback: one line
         try:
             return list(datasets.load_dataset(kind, data_files=str(path), split="train"))
         except Exception as e:  # noqa: BLE001 - any reader failure is a bad input file
-            raise DataError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+            raise DataError(f"cannot read {path} ({_root_cause(e)}): fix the file or pass another --data-dir") from e
+        finally:
+            datasets.utils.logging.set_verbosity(level)
     hint = (f"dataset {spec.hub_id} ({spec.config or 'default'}, {split}) is not available offline; "
             f"download it where the Hub is reachable, or pass --data-dir with {spec.name}/{split}.jsonl in the Hub schema")
-    if _offline() and not _in_cache(spec.hub_id):
-        raise DataError(hint)
+    if not _in_cache(spec.hub_id) and (_offline() or not _hub_reachable()):
+        # fail in seconds, not after huggingface_hub's 25-second retry loop
+        why = "is not available offline" if _offline() else "cannot be downloaded (the Hub cannot be reached)"
+        raise DataError(hint.replace("is not available offline", why))
     try:
         return list(datasets.load_dataset(spec.hub_id, spec.config, split=split))
     except Exception as e:  # noqa: BLE001 - network, missing config, script-based repo...
         raise DataError(f"{hint} ({type(e).__name__})") from e
+
+
+def _root_cause(e: BaseException) -> str:
+    """The first line of the innermost error (datasets wraps the reader's in a generic one)."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _hub_reachable() -> bool:
+    from arkv_bench.models import _hub_reachable as reachable  # the same quick TCP probe as for models
+
+    return reachable()
 
 
 def _in_cache(hub_id: str | None) -> bool:
