@@ -53,9 +53,11 @@ def random_model(arch: str, device: str, dtype: str) -> tuple[torch.nn.Module, d
     return model, {"model": f"{arch} (random weights)", "device": str(model.device), "dtype": str(torch_dtype)}
 
 
-def measure(model, ids, method: str, cache_size: int, window: int, new_tokens: int, repeats: int) -> dict:
+def measure(model, ids, method: str, cache_size: int, window: int, new_tokens: int, repeats: int,
+            extra: dict) -> dict:
     device = ids.device
     options = {"cache_size": cache_size, "window_size": window} if METHODS[method].budgeted else {}
+    options.update(extra)
     runs = []
     for _ in range(repeats + 1):  # the first run warms up and is dropped
         if device.type == "cuda":
@@ -81,13 +83,15 @@ def main() -> None:
     parser.add_argument("--random-arch", choices=sorted(RANDOM_ARCHS), default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma list; a method may carry options: mix:slack=32")
     parser.add_argument("--prompt-tokens", default="2048")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--cache-size", type=int, default=256)
     parser.add_argument("--window-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+
     args = parser.parse_args()
 
     if args.random_arch:
@@ -107,8 +111,12 @@ def main() -> None:
         generator = torch.Generator().manual_seed(length)
         ids = torch.randint(100, 40000 if model.config.vocab_size > 40000 else model.config.vocab_size - 1,
                             (args.batch_size, length), generator=generator).to(device)
-        results = {m: measure(model, ids, m, args.cache_size, args.window_size, args.new_tokens, args.repeats)
-                   for m in methods}
+        results = {}
+        for spec in methods:  # "mix" or "mix:slack=32:gamma=100"
+            name, *pairs = spec.split(":")
+            extra = {k: float(v) if "." in v else int(v) for k, v in (p.split("=", 1) for p in pairs)}
+            results[spec] = measure(model, ids, name, args.cache_size, args.window_size, args.new_tokens,
+                                    args.repeats, extra)
         base = results.get("full")
         for m, r in results.items():
             def ratio(key: str) -> str:

@@ -18,6 +18,8 @@ TINY = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_l
             num_key_value_heads=2, max_position_embeddings=2048, eos_token_id=None, bos_token_id=None,
             pad_token_id=0)
 DEVICE = torch.device(os.environ.get("ARKV_TEST_DEVICE", "cpu"))
+# Tiny models gain nothing from several threads, and a shared 2-core machine loses a lot to them.
+torch.set_num_threads(1)
 ARCHS = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),

@@ -8,21 +8,27 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from transformers import PretrainedConfig
 
+from arkv_bench.cache.adakv import AdaKVCache
+from arkv_bench.cache.akv import AKVCache
 from arkv_bench.cache.arkv import ArkvCache, OriginCache
 from arkv_bench.cache.attention import ATTN_NAME, prepare_model
 from arkv_bench.cache.base import BenchCache
 from arkv_bench.cache.full import FullCache
 from arkv_bench.cache.h2o import H2OCache
 from arkv_bench.cache.kivi import KiviCache
+from arkv_bench.cache.pyramidkv import PyramidKVCache
 from arkv_bench.cache.quant import FP8Cache
+from arkv_bench.cache.snapkv import SnapKVCache
 from arkv_bench.cache.window import WindowCache
 
 METHODS: dict[str, type[BenchCache]] = {
-    cls.method: cls for cls in (FullCache, ArkvCache, OriginCache, FP8Cache, KiviCache, H2OCache, WindowCache)
+    cls.method: cls for cls in (FullCache, ArkvCache, OriginCache, FP8Cache, KiviCache, H2OCache, WindowCache,
+                                SnapKVCache, PyramidKVCache, AdaKVCache, AKVCache)
 }
 
 __all__ = ["METHODS", "ATTN_NAME", "BenchCache", "make_cache", "method_options", "prepare_model"]
@@ -73,6 +79,9 @@ def _validate(cls: type[BenchCache], opts: dict[str, Any]) -> None:
     if cls.budgeted:
         need(isinstance(size, int) and size > window,
              f"cache_size must be an integer larger than window_size ({window}), got {size!r}")
+    if opts.get("slack"):
+        need(isinstance(opts["slack"], int) and opts["slack"] < size - window,
+             f"slack must be an integer below cache_size - window_size ({size - window})")
     if "n_sink" in opts:
         need(isinstance(opts["n_sink"], int) and opts["n_sink"] < size, f"n_sink must be an integer below cache_size")
     if "kernel_size" in opts:
@@ -83,5 +92,23 @@ def _validate(cls: type[BenchCache], opts: dict[str, Any]) -> None:
             need(opts[tau] > 0, f"{tau} must be positive, got {opts[tau]!r}")
     if "group_size" in opts:
         need(isinstance(opts["group_size"], int) and opts["group_size"] >= 1, "group_size must be a positive integer")
+    if "residual_length" in opts:
         need(isinstance(opts["residual_length"], int) and opts["residual_length"] >= opts["group_size"],
              f"residual_length must be an integer >= group_size ({opts['group_size']})")
+    if "beta" in opts:
+        need(opts["beta"] >= 1, f"beta must be at least 1 (the last layer's share is room / beta), got {opts['beta']!r}")
+    if "alpha" in opts:
+        need(opts["alpha"] <= 1, f"alpha must be in [0, 1], got {opts['alpha']!r}")
+    if "hot_budget" in opts:
+        _validate_akv(opts, need)
+
+
+def _validate_akv(opts: dict[str, Any], need: Any) -> None:
+    for key in ("hot_budget", "warm_budget", "n_anchors", "promote_interval"):
+        need(isinstance(opts[key], int), f"{key} must be an integer, got {opts[key]!r}")
+    need(opts["hot_budget"] >= opts["n_anchors"] + opts["window_size"],
+         f"hot_budget must be at least n_anchors + window_size ({opts['n_anchors'] + opts['window_size']})")
+    need(opts["cold_budget"] == math.inf or float(opts["cold_budget"]).is_integer(),
+         f"cold_budget must be a token count or inf (unbounded), got {opts['cold_budget']!r}")
+    need(opts["decay"] <= 1, f"decay must be in [0, 1], got {opts['decay']!r}")
+    need(opts["promote_interval"] >= 1, "promote_interval must be at least 1")

@@ -91,6 +91,7 @@ class TokenLayer(CacheLayerMixin):
         self.triggered = False
         self._awaiting_attention = False
         self._allowed: torch.Tensor | None = None  # this forward's attention mask, while attention runs
+        self.padded = False  # some row of the batch is left-padded
 
     # --- transformers' layer interface -------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -188,7 +189,10 @@ class TokenLayer(CacheLayerMixin):
         self._awaiting_attention = False
         if self.start is None:
             self.start = first_real_index(attention_mask, query.shape[0], query.device)
-        if not (self.dense and (attention_mask is None or attention_mask.shape[-1] == key.shape[2])):
+            self.padded = bool((self.start > 0).any())  # one sync per layer, at prefill
+        if query.shape[2] == 1 and not self.may_hold_empty():
+            attention_mask = None  # one query, and every held slot is a real past token: nothing to mask
+        elif not (self.dense and (attention_mask is None or attention_mask.shape[-1] == key.shape[2])):
             self._allowed = self.allowed(self.view_positions(), query.shape[2])
             attention_mask = self._allowed.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -196,6 +200,11 @@ class TokenLayer(CacheLayerMixin):
         self.after_attention(query, key, scaling)
         self._allowed = None
         return out, None
+
+    def may_hold_empty(self) -> bool:
+        """Whether some held slot may be padding or empty (then attention needs a mask). Methods
+        that know better (every slot real unless the batch is padded) override this."""
+        return True
 
     def after_attention(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         """Method hook: score and compress. The base class keeps everything."""

@@ -29,6 +29,9 @@ class H2OLayer(TokenLayer):
         fresh = torch.zeros(b, h, q, dtype=torch.float32, device=key_states.device)
         self.acc = fresh if self.acc is None else torch.cat([self.acc, fresh], dim=2)
 
+    def may_hold_empty(self) -> bool:
+        return self.padded  # it keeps exactly its budget of real tokens per head
+
     def after_attention(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         kv_heads, n_q = key.shape[1], query.shape[2]
         for first in range(0, n_q, QUERY_CHUNK):

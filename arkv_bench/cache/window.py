@@ -17,6 +17,9 @@ class WindowLayer(TokenLayer):
         super().__init__(layer_idx, cache_size, window_size, slack)
         self.n_sink = n_sink
 
+    def may_hold_empty(self) -> bool:
+        return self.padded  # it keeps exactly its budget of real tokens per head
+
     def after_attention(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         if not self.over_budget():
             return
