@@ -222,3 +222,21 @@ def test_layers_are_token_layers_except_full(llama):
         layers = make_cache(name, llama.config, **options).layers
         assert len(layers) == llama.config.num_hidden_layers
         assert all(isinstance(layer, TokenLayer) for layer in layers) == (name != "full")
+
+
+@pytest.mark.parametrize("method", ["mix", "origin", "h2o", "window"])
+def test_slack_evicts_in_batches_and_holds_the_budget(llama, method):
+    """slack=s frees s extra slots per eviction, so evictions happen every s + 1 steps and the layer
+    never holds more than cache_size tokens."""
+    ids = prompt_ids(150)
+    cache = make_cache(method, llama.config, cache_size=64, window_size=16, slack=8)
+    mask = torch.ones_like(ids)
+    token = prefill(llama, ids, mask, cache).argmax(-1, keepdim=True)
+    held = [held_live(cache.layers[0]).max().item()]
+    for _ in range(18):
+        logits, mask = extend(llama, token, mask, cache)
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        check_budget(cache, 64, 16)
+        held.append(held_live(cache.layers[0]).max().item())
+    assert held[:10] == list(range(56, 65)) + [56]
+    assert held[10:] == list(range(57, 65)) + [56]

@@ -43,8 +43,8 @@ class ArkvLayer(HeadBudgets, TokenLayer):
     def __init__(self, layer_idx: int, cache_size: int, window_size: int = 32, tau1: float = PAPER["tau1"],
                  tau2: float = PAPER["tau2"], tau3: float = PAPER["tau3"], gamma: float = PAPER["gamma"],
                  pooling: str = "avg", kernel_size: int = 5, head_budget: str = "uniform", alpha: float = 0.2,
-                 **_: Any):
-        super().__init__(layer_idx, cache_size, window_size)
+                 slack: int = 0, **_: Any):
+        super().__init__(layer_idx, cache_size, window_size, slack)
         self.head_budget, self.alpha = head_budget, alpha
         self.tau = (tau1, tau2, tau3)
         self.gamma, self.pooling, self.kernel_size = gamma, pooling, kernel_size
@@ -80,6 +80,11 @@ class ArkvLayer(HeadBudgets, TokenLayer):
 
     def held_slots(self) -> int:
         return 0 if self.pos is None else self.pos.shape[-1] + self.pos_q.shape[-1]
+
+    def may_hold_empty(self) -> bool:
+        """Stores are sized to the largest row's budget: rows with smaller Original budgets, adaptive
+        heads and padded rows leave empty slots."""
+        return self.padded or self.head_budget == "adaptive" or self.origin_range[0] != self.origin_range[1]
 
     # --- scoring and compression -----------------------------------------------------------
     def after_attention(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
@@ -117,14 +122,18 @@ class ArkvLayer(HeadBudgets, TokenLayer):
         rank = score.masked_fill(~candidates, float("-inf")).argsort(dim=-1, descending=True).argsort(dim=-1)
         to_quant = candidates & (rank >= self.origin_budget.view(-1, 1, 1))
         self._requantize(torch.cat([keep[..., n_o:], to_quant[..., :n_o]], dim=2))
-        self.keep((keep & ~to_quant)[..., :n_o], self.window_size + self.origin_range[1])
+        capacity = self.budget_capacity(n_o)
+        if capacity is not None:  # uniform heads: the window plus the largest Original budget
+            capacity = min(capacity, self.window_size + self.origin_range[1])
+        self.keep((keep & ~to_quant)[..., :n_o], capacity)
 
     def _requantize(self, select: torch.Tensor) -> None:
         """New Quantized store: the selected slots of [Quantized store, Original store (quantized now)]."""
         new_kq, new_ks = fp8_quantize(self.keys)
         new_vq, new_vs = fp8_quantize(self.values)
         pos = torch.cat([self.pos_q, self.pos], dim=2)
-        capacity = None if self.head_budget == "adaptive" else self.cache_size - self.window_size - self.origin_range[0]
+        capacity = None if self.head_budget == "adaptive" else max(
+            self.cache_size - self.slack - self.window_size - self.origin_range[0], 0)
         idx, valid = sorted_selection(select, pos, capacity)
         self.kq = gather_slots(torch.cat([self.kq, new_kq], dim=2), idx)
         self.vq = gather_slots(torch.cat([self.vq, new_vq], dim=2), idx)
@@ -146,7 +155,7 @@ class ArkvCache(BenchCache):
 
     method = "mix"
     layer_class = ArkvLayer
-    defaults = {"cache_size": 1024, "window_size": 32, **PAPER, "head_budget": "uniform", "alpha": 0.2}
+    defaults = {"cache_size": 1024, "window_size": 32, **PAPER, "head_budget": "uniform", "alpha": 0.2, "slack": 0}
     choices = {"pooling": POOLINGS, "head_budget": HEAD_BUDGETS}
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
