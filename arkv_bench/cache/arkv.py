@@ -13,6 +13,9 @@ queries score the evictable tokens; the top `cache_size - W` stay, the rest are 
 Of the kept tokens still at full precision, the top origin_l stay Original and the others
 are quantized to FP8 (a quantized token never goes back). The window is always Original.
 
+`slack` (default 0, the paper's rule) lets an eviction free that many extra slots, so that
+rescoring and eviction happen every slack + 1 steps; the budget still holds after every step.
+
 Storage: Original tokens in the base class's store; Quantized ones as FP8 codes with one
 float32 scale per token and head, with their positions. Attention sees both merged in
 position order (section 4).
