@@ -50,6 +50,16 @@ def _read_config(path: Optional[Path]) -> dict[str, Any]:
     return data
 
 
+RUN_KEYS = ("suite", "tasks", "quant_type", "cache_size", "window_size", "model", "limit", "batch_size", "seed",
+            "device", "dtype", "chat_template", "data_dir", "num_fewshot", "context_lengths", "depths",
+            "samples_per_cell", "max_length", "run_name")
+
+
+def _given(values: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The run options the user actually set on the command line (typer gives None for the others)."""
+    return {k: v for k, v in {**{k: values.get(k) for k in RUN_KEYS}, **extra}.items() if v is not None}
+
+
 def _typed(method_defaults: list[dict[str, Any]], key: str, value: str) -> Any:
     """Type a --method-option value as the methods that declare it do."""
     kinds = {type(d[key]) for d in method_defaults if key in d and d[key] is not None}
@@ -100,12 +110,7 @@ def run(
     from arkv_bench.runner import RunOptions, UsageError, parse_cache_size
 
     cfg = _read_config(config)
-    given = {k: v for k, v in dict(suite=suite, tasks=tasks, quant_type=quant_type, cache_size=cache_size,
-                                   window_size=window_size, model=model, limit=limit, batch_size=batch_size, seed=seed,
-                                   device=device, dtype=dtype, chat_template=chat_template, data_dir=data_dir,
-                                   num_fewshot=num_fewshot, context_lengths=context_lengths, depths=depths,
-                                   samples_per_cell=samples_per_cell, max_length=max_length, out=out_dir,
-                                   run_name=run_name).items() if v is not None}
+    given = _given(locals(), out=out_dir)
     merged = {**cfg, **given}
     try:
         opts = _options(merged, method_option, RunOptions, parse_cache_size)
@@ -361,11 +366,7 @@ def tune(
     from arkv_bench.tune import TuneError, TuneOptions, check, parse_range, run_tune
 
     cfg = _read_config(config)
-    given = {k: v for k, v in dict(suite=suite, tasks=tasks, quant_type=quant_type, cache_size=cache_size,
-                                   window_size=window_size, model=model, limit=limit, batch_size=batch_size, seed=seed,
-                                   device=device, dtype=dtype, chat_template=chat_template, data_dir=data_dir,
-                                   num_fewshot=num_fewshot, context_lengths=context_lengths, depths=depths,
-                                   samples_per_cell=samples_per_cell, max_length=max_length).items() if v is not None}
+    given = _given(locals())
     merged = {"quant_type": "mix", **cfg, **given}
     try:
         opts = _options(merged, method_option, RunOptions, parse_cache_size)

@@ -32,15 +32,6 @@ SAMPLE_FIELDS = {"suite", "task", "sample_id", "quant_type", "cache_size", "wind
                  "kv_bytes_full", "compressed", "evicted_frac", "quantized_frac", "extra"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine two spinning threads make the model ~4x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

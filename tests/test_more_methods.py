@@ -37,13 +37,6 @@ def build(label: str, model, huge: bool = False):
     return make_cache(method, model.config, window_size=W, **options)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: intra-op threads gain nothing, and on a shared CPU their spinning costs 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=None)

@@ -67,15 +67,6 @@ def short_tasks(tmp_path_factory: pytest.TempPathFactory):
         yield folder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine two spinning threads make the model ~10x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def cli(*args: str, env: dict[str, str | None] | None = None):

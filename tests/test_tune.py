@@ -22,14 +22,6 @@ from arkv_bench.tune import (DEFAULT_RANGES, TuneError, TuneOptions, check, pars
 PAPER = {"tau1": 7.7744, "tau2": 5.4070, "tau3": 5.5277, "gamma": 263.81}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _trials(path: Path) -> list[dict[str, str]]:
