@@ -23,6 +23,11 @@ CONFIG_KEYS = {"suite", "tasks", "quant_type", "cache_size", "window_size", "met
                "context_lengths", "depths", "samples_per_cell", "max_length", "out", "run_name"}
 
 
+def wide(console: Console) -> Console:
+    """The terminal as it is, or, when output goes to a file or pipe, a console wide enough for whole tables."""
+    return console if console.is_terminal else Console(width=220)
+
+
 def fail(message: str) -> None:
     """One red line, exit code 2."""
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # one line, never wrapped
@@ -205,7 +210,7 @@ def _run(opts: Any, out_root: Path, run_name: Optional[str], quiet: bool) -> Non
         execute(ctx, work, folder, log, lambda label, n: bar.update(task_id, advance=n, description=label))
     rows = write_summaries(folder, info)
     if not quiet:
-        out.print(summary_table(rows))
+        wide(out).print(summary_table(rows))
         out.print(f"results: {folder}  ({time.perf_counter() - started:.0f} s)")
 
 
@@ -296,7 +301,7 @@ def compare(
     target = out_file or (paths[0] / "comparison.csv" if paths[0].is_dir() else Path("comparison.csv"))
     result.to_csv(target)
     if fmt == "table":
-        Console(width=max(out.width, 160)).print(render_table(result))
+        wide(out).print(render_table(result))
     else:
         out.print({"csv": result.to_csv_text, "json": result.to_json, "markdown": result.to_markdown}[fmt](),
                   markup=False, highlight=False, soft_wrap=True)
