@@ -3,7 +3,7 @@
 The numbers are chosen so that every ratio the tests check can be worked out by hand,
 e.g. mix@256 on qasper scores 36 against the full cache's 40: 90 % of the baseline.
 
-Run `python tests/fixtures_runs.py docs/report.png` to rebuild the README screenshot.
+Run `python tests/fixtures_runs.py out.png` for a screenshot of a report built from these fixtures.
 """
 
 from __future__ import annotations
