@@ -1,4 +1,4 @@
-"""Small hand-made result folders for the compare/report tests (and docs/report.png).
+"""Small hand-made result folders for the compare/report tests.
 
 The numbers are chosen so that every ratio the tests check can be worked out by hand,
 e.g. mix@256 on qasper scores 36 against the full cache's 40: 90 % of the baseline.
