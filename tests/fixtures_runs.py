@@ -196,7 +196,7 @@ def main(argv: list[str]) -> int:
     from arkv_bench.report import write_report
     from headless_chromium import Chromium, find_chromium
 
-    out = Path(argv[1] if len(argv) > 1 else "docs/report.png")
+    out = Path(argv[1] if len(argv) > 1 else "fixture-report.png")
     binary = find_chromium()
     if binary is None:
         print("chromium not found", file=sys.stderr)
