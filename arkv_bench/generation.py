@@ -36,6 +36,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def clock(device: torch.device) -> float:
+    """Seconds, after the device has finished the work queued so far."""
+    _sync(device)
+    return time.perf_counter()
+
+
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token id rows -> (input_ids, attention_mask), left-padded to the longest row."""

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from arkv_bench.cache import METHODS, make_cache, prepare_model
-from arkv_bench.generation import Generation, extend, greedy_generate, left_pad, prefill
+from arkv_bench.generation import Generation, clock, extend, greedy_generate, left_pad, prefill
 from arkv_bench.results import SampleLog, provenance, write_summaries
 from arkv_bench.suites import SUITES, Sample, SuiteOptions, build_samples, score
 from arkv_bench.suites.longbench import truncate_middle
@@ -28,6 +28,9 @@ from arkv_bench.tasks import TaskSpec, load_task_specs
 
 CHAT_CHOICES = ("auto", "on", "off")
 WARMUP_TOKENS = 64
+# With a chat template the prompt ends "Answer:" + the template's closing tokens; the last few tokens
+# go through the compressed cache after prefill, as the tail does without a template.
+CHAT_TAIL_TOKENS = 8
 
 
 class UsageError(ValueError):
@@ -239,22 +242,14 @@ def choose(ctx: Context, ids: list[int], n_tail: int, choices: list[str], cache:
     device = ctx.model.device
     head, tail = ids[:-n_tail], ids[-n_tail:]
     input_ids, mask = left_pad([head], 0, device)
-    t0 = _now(device)
+    t0 = clock(device)
     prefill(ctx.model, input_ids, mask, cache)
     logits, _ = extend(ctx.model, torch.tensor([tail], device=device), mask, cache)
-    elapsed = _now(device) - t0
+    elapsed = clock(device) - t0
     first = [ctx.tokenizer(c, add_special_tokens=False).input_ids[0] for c in choices]
     best = int(logits[0, -1, first].argmax())
     return choices[best].strip(), Generation(tokens=[[]], prefill_s=elapsed, ttft_s=elapsed, kv_bytes=cache.kv_bytes(),
                                              kv_bytes_full=cache.full_kv_bytes(), stats=cache.stats())
-
-
-def _now(device: torch.device) -> float:
-    import time
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def run_batch(ctx: Context, spec: TaskSpec, batch: list[Sample], method: str, size: int | float | None,
@@ -268,7 +263,7 @@ def run_batch(ctx: Context, spec: TaskSpec, batch: list[Sample], method: str, si
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if batch[0].choices:
-        n_tail = len(tok(batch[0].tail, add_special_tokens=False).input_ids) if not chat else 8
+        n_tail = len(tok(batch[0].tail, add_special_tokens=False).input_ids) if not chat else CHAT_TAIL_TOKENS
         answer, gen = choose(ctx, encoded[0], n_tail, batch[0].choices, cache)
         predictions = [answer]
     else:
