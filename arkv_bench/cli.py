@@ -248,7 +248,8 @@ def demo(out_dir: Path = typer.Option(Path("results"), "--out", help="results fo
         _run(_options(dict(DEMO), [], RunOptions, parse_cache_size), out_dir, "demo", quiet=False)
     except UsageError as e:
         fail(str(e))
-    console.print(f"next: arkv-bench compare {out_dir}   and   arkv-bench report {out_dir} --html", highlight=False)
+    console.print(f"next: arkv-bench compare {out_dir}   and   arkv-bench report {out_dir} --html", highlight=False,
+                  soft_wrap=True)
 
 
 @app.command("list")
