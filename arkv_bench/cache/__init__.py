@@ -83,7 +83,7 @@ def _validate(cls: type[BenchCache], opts: dict[str, Any]) -> None:
         need(isinstance(opts["slack"], int) and opts["slack"] < size - window,
              f"slack must be an integer below cache_size - window_size ({size - window})")
     if "n_sink" in opts:
-        need(isinstance(opts["n_sink"], int) and opts["n_sink"] < size, f"n_sink must be an integer below cache_size")
+        need(isinstance(opts["n_sink"], int) and opts["n_sink"] < size, "n_sink must be an integer below cache_size")
     if "kernel_size" in opts:
         need(isinstance(opts["kernel_size"], int) and opts["kernel_size"] % 2 == 1,
              f"kernel_size must be an odd positive integer, got {opts['kernel_size']!r}")

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from arkv_bench.tasks import TaskSpec
 
 
 class DataError(ValueError):
@@ -46,7 +45,3 @@ class SuiteOptions:
 
 def limited(rows: list[Any], limit: int | None) -> list[Any]:
     return rows if limit is None else rows[:limit]
-
-
-def spec_label(spec: TaskSpec) -> str:
-    return f"{spec.suite}/{spec.name}"
