@@ -294,7 +294,7 @@ class BenchCache(Cache):
             if layer.is_initialized:
                 b, h, _, d = layer.keys.shape
                 seen = layer.get_seq_length()
-                total += 2 * b * h * seen * d * torch.empty((), dtype=layer.dtype).element_size()
+                total += 2 * b * h * seen * d * layer.keys.element_size()  # keys are in the model's dtype
         return total
 
     @property
