@@ -28,6 +28,7 @@ class Generation:
     itl_s: list[float] = field(default_factory=list)  # each later token's latency
     kv_bytes: int = 0  # what the cache holds at the end
     kv_bytes_full: int = 0  # what the full cache would hold for the same tokens
+    host_bytes: int = 0  # what the cache keeps in CPU memory (AKV's cold tier), not in kv_bytes
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -105,7 +106,8 @@ def greedy_generate(model: PreTrainedModel, input_ids: torch.Tensor, attention_m
         _sync(device)
         itl.append(time.perf_counter() - t1)
     return Generation(tokens=[_cut(r, eos) for r in rows], prefill_s=prefill_s, ttft_s=ttft, itl_s=itl,
-                      kv_bytes=cache.kv_bytes(), kv_bytes_full=cache.full_kv_bytes(), stats=cache.stats())
+                      kv_bytes=cache.kv_bytes(), kv_bytes_full=cache.full_kv_bytes(), host_bytes=cache.host_bytes(),
+                      stats=cache.stats())
 
 
 def _record(rows: list[list[int]], done: list[bool], tokens: torch.Tensor, eos: set[int],

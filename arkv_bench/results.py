@@ -17,7 +17,7 @@ from arkv_bench.metrics import mean_ci95
 SUMMARY_COLUMNS = ["model", "suite", "task", "quant_type", "cache_size", "window_size", "n", "score", "score_ci95",
                    "prefill_tok_s", "decode_tok_s", "ttft_ms", "itl_ms_p50", "itl_ms_p99", "kv_bytes", "kv_bytes_full",
                    "kv_ratio", "peak_mem_bytes", "compressed_frac", "evicted_frac", "quantized_frac", "device", "dtype",
-                   "status"]
+                   "status", "host_bytes"]
 LAYER_COLUMNS = ["task", "quant_type", "cache_size", "layer", "oq_score", "oq_ratio", "original_frac",
                  "quantized_frac", "evicted_frac"]
 
@@ -122,6 +122,7 @@ def summarise(records: list[dict[str, Any]], info: dict[str, Any], window_size: 
             "quantized_frac": _mean([r["quantized_frac"] for r in ok]),
             "device": info["device"], "dtype": info["dtype"],
             "status": "oom" if any(r["status"] == "oom" for r in group) else "ok",
+            "host_bytes": _mean([r.get("host_bytes", 0) for r in ok]),
         })
     return rows
 

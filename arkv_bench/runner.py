@@ -249,7 +249,8 @@ def choose(ctx: Context, ids: list[int], n_tail: int, choices: list[str], cache:
     first = [ctx.tokenizer(c, add_special_tokens=False).input_ids[0] for c in choices]
     best = int(logits[0, -1, first].argmax())
     return choices[best].strip(), Generation(tokens=[[]], prefill_s=elapsed, ttft_s=elapsed, kv_bytes=cache.kv_bytes(),
-                                             kv_bytes_full=cache.full_kv_bytes(), stats=cache.stats())
+                                             kv_bytes_full=cache.full_kv_bytes(), host_bytes=cache.host_bytes(),
+                                             stats=cache.stats())
 
 
 def run_batch(ctx: Context, spec: TaskSpec, batch: list[Sample], method: str, size: int | float | None,
@@ -297,6 +298,7 @@ def _record(spec: TaskSpec, sample: Sample, method: str, size: int | float | Non
             "prefill_s": gen.prefill_s, "ttft_ms": gen.ttft_s * 1000, "itl_ms": [t * 1000 for t in gen.itl_s],
             "decode_tokens": len(gen.tokens[row]), "batch_rows": rows, "batch_row": row,
             "kv_bytes": gen.kv_bytes / rows, "kv_bytes_full": gen.kv_bytes_full / rows,
+            "host_bytes": gen.host_bytes / rows,
             "compressed": bool(gen.stats.get("compressed")), "evicted_frac": evicted, "quantized_frac": quantized,
             "peak_mem_bytes": peak, "layers": per_layer, "extra": {k: v for k, v in sample.extra.items()
                                                                      if k != "all_classes"}}
