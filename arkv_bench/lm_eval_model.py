@@ -44,7 +44,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import time
 from collections import defaultdict
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -58,7 +57,7 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from arkv_bench.cache import METHODS, make_cache, prepare_model
-from arkv_bench.generation import extend, greedy_generate, prefill
+from arkv_bench.generation import clock, extend, greedy_generate, prefill
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +85,6 @@ def _quiet_hflm():
         yield
     finally:
         log.removeFilter(quiet)
-
-
-def _sync(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 @register_model(MODEL_NAME)
@@ -249,9 +242,9 @@ class ArkvLM(HFLM):
             base, budget, first, prefill_s, peak = self._prefill(list(head))
             for n, (i, cont) in enumerate(members):
                 cache = base if n == len(members) - 1 else _copy(base)
-                t0 = _sync(self.device)
+                t0 = clock(self.device)
                 logprobs, greedy = self._continue(cache, len(head), first, cont, chunk or self.score_chunk_size)
-                score_s = _sync(self.device) - t0
+                score_s = clock(self.device) - t0
                 results[i] = (logprobs, greedy)
                 stats = cache.stats()
                 peak_now = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
@@ -272,9 +265,9 @@ class ArkvLM(HFLM):
             torch.cuda.reset_peak_memory_stats(self.device)
         cache, budget = self.new_cache(len(head))
         ids = torch.tensor([head], dtype=torch.long, device=self.device)
-        t0 = _sync(self.device)
+        t0 = clock(self.device)
         logits = prefill(self.model, ids, torch.ones_like(ids), cache)
-        prefill_s = _sync(self.device) - t0
+        prefill_s = clock(self.device) - t0
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return cache, budget, logits[0].float(), prefill_s, peak
 

@@ -254,9 +254,10 @@ def _load_gguf_tokenizer(folder: str, name: str, config: Any) -> Any:
 # ---------------------------------------------------------------------------- resolution
 
 
-def _hub_offline() -> bool:
-    """HF_HUB_OFFLINE read from the environment now (huggingface_hub reads it only at import)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in _TRUTHY
+def hub_offline(*variables: str) -> bool:
+    """Whether any of these variables (default HF_HUB_OFFLINE) is set, read from the environment now
+    (huggingface_hub reads it only at import)."""
+    return any(os.environ.get(v, "").strip().upper() in _TRUTHY for v in variables or ("HF_HUB_OFFLINE",))
 
 
 def _offline_hint(spec: str, why: str) -> str:
@@ -277,7 +278,7 @@ def _in_hub_cache(repo_id: str) -> bool:
         return False
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     """A quick TCP probe of the Hub endpoint, so a machine without network fails in seconds
     instead of sitting in huggingface_hub's retry loop. Behind a proxy we cannot probe: assume yes."""
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
@@ -317,8 +318,8 @@ def resolve_source(spec: str | None) -> tuple[str, str, bool]:
     if not _HUB_ID.match(spec):
         raise ModelError(f"{spec!r} is neither an existing local path nor a valid Hub id (org/name)")
     cached = _in_hub_cache(spec)
-    offline = _hub_offline()
-    if offline or not _hub_reachable():
+    offline = hub_offline()
+    if offline or not hub_reachable():
         if not cached:
             why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
             raise ModelError(_offline_hint(spec, why))

@@ -86,8 +86,26 @@ def _percentile(values: list[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def _mean(values: list[float]) -> float | None:
+def mean_of(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+def layer_vector(layer: dict[str, Any]) -> list[float | None]:
+    """One layer of `cache.stats()` as [oq_score, oq_ratio, original, quantized, evicted] (fractions of seen)."""
+    seen = max(layer["seen"], 1e-9)
+    return [layer.get("oq_score"), layer.get("oq_ratio"), layer["original"] / seen, layer["quantized"] / seen,
+            layer["evicted"] / seen]
+
+
+def column_means(vectors: list[list[float | None]]) -> list[float | None]:
+    """Mean of each position over the vectors, ignoring missing values."""
+    return [mean_of([v for v in col if v is not None]) for col in zip(*vectors)]
+
+
+def evicted_quantized(per_layer: list[list[float | None]]) -> tuple[float, float]:
+    """Evicted and quantized fractions, averaged over the layers."""
+    n = max(len(per_layer), 1)
+    return sum(p[4] for p in per_layer) / n, sum(p[3] for p in per_layer) / n
 
 
 def summarise(records: list[dict[str, Any]], info: dict[str, Any], window_size: int) -> list[dict[str, Any]]:
@@ -105,7 +123,7 @@ def summarise(records: list[dict[str, Any]], info: dict[str, Any], window_size: 
         decode_s = sum(itl) / 1000
         decoded = sum(max(r["decode_tokens"] - 1, 0) for r in ok)
         prefill_s = sum(r["prefill_s"] for r in batches)
-        kv, kv_full = _mean([r["kv_bytes"] for r in ok]), _mean([r["kv_bytes_full"] for r in ok])
+        kv, kv_full = mean_of([r["kv_bytes"] for r in ok]), mean_of([r["kv_bytes_full"] for r in ok])
         peaks = [r["peak_mem_bytes"] for r in ok if r.get("peak_mem_bytes") is not None]
         rows.append({
             "model": info["model"], "suite": suite, "task": task, "quant_type": method, "cache_size": size,
@@ -113,16 +131,16 @@ def summarise(records: list[dict[str, Any]], info: dict[str, Any], window_size: 
             "score": round(100 * mean, 4) if scored else None, "score_ci95": round(100 * half, 4) if scored else None,
             "prefill_tok_s": sum(r["prompt_tokens"] for r in ok) / prefill_s if prefill_s else None,
             "decode_tok_s": decoded / decode_s if decode_s and decoded else None,
-            "ttft_ms": _mean([r["ttft_ms"] for r in ok]), "itl_ms_p50": _percentile(itl, 50),
+            "ttft_ms": mean_of([r["ttft_ms"] for r in ok]), "itl_ms_p50": _percentile(itl, 50),
             "itl_ms_p99": _percentile(itl, 99), "kv_bytes": kv, "kv_bytes_full": kv_full,
             "kv_ratio": kv / kv_full if kv is not None and kv_full else None,
             "peak_mem_bytes": max(peaks) if peaks else None,
-            "compressed_frac": _mean([float(r["compressed"]) for r in ok]),
-            "evicted_frac": _mean([r["evicted_frac"] for r in ok]),
-            "quantized_frac": _mean([r["quantized_frac"] for r in ok]),
+            "compressed_frac": mean_of([float(r["compressed"]) for r in ok]),
+            "evicted_frac": mean_of([r["evicted_frac"] for r in ok]),
+            "quantized_frac": mean_of([r["quantized_frac"] for r in ok]),
             "device": info["device"], "dtype": info["dtype"],
             "status": "oom" if any(r["status"] == "oom" for r in group) else "ok",
-            "host_bytes": _mean([r.get("host_bytes", 0) for r in ok]),
+            "host_bytes": mean_of([r.get("host_bytes", 0) for r in ok]),
         })
     return rows
 
@@ -137,9 +155,7 @@ def layer_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             sums[(r["task"], r["quant_type"], "" if r["cache_size"] is None else r["cache_size"], i)].append(values)
     rows = []
     for (task, method, size, layer), values in sums.items():
-        cols = list(zip(*values))
-        means = [_mean([v for v in col if v is not None]) for col in cols]
-        rows.append(dict(zip(LAYER_COLUMNS, [task, method, size, layer, *means])))
+        rows.append(dict(zip(LAYER_COLUMNS, [task, method, size, layer, *column_means(values)])))
     return rows
 
 

@@ -21,7 +21,7 @@ import torch
 
 from arkv_bench.cache import METHODS, make_cache, prepare_model
 from arkv_bench.generation import Generation, clock, extend, greedy_generate, left_pad, prefill
-from arkv_bench.results import SampleLog, provenance, write_summaries
+from arkv_bench.results import SampleLog, evicted_quantized, layer_vector, provenance, write_summaries
 from arkv_bench.suites import SUITES, Sample, SuiteOptions, build_samples, score
 from arkv_bench.suites.longbench import truncate_middle
 from arkv_bench.tasks import TaskSpec, load_task_specs
@@ -278,20 +278,11 @@ def run_batch(ctx: Context, spec: TaskSpec, batch: list[Sample], method: str, si
              "window_size": opts.window_size} for i, (s, ids, pred) in enumerate(zip(batch, encoded, predictions))]
 
 
-def _fractions(layers: list[dict[str, Any]]) -> tuple[float, float, list[list[float | None]]]:
-    per_layer = []
-    for layer in layers:
-        seen = max(layer["seen"], 1e-9)
-        per_layer.append([layer.get("oq_score"), layer.get("oq_ratio"), layer["original"] / seen,
-                          layer["quantized"] / seen, layer["evicted"] / seen])
-    n = max(len(per_layer), 1)
-    return sum(p[4] for p in per_layer) / n, sum(p[3] for p in per_layer) / n, per_layer
-
-
 def _record(spec: TaskSpec, sample: Sample, method: str, size: int | float | None, budget: int | None,
             ids: list[int], prediction: str, gen: Generation, row: int, rows: int, peak: int | None,
             layers: list[dict[str, Any]]) -> dict[str, Any]:
-    evicted, quantized, per_layer = _fractions(layers)
+    per_layer = [layer_vector(layer) for layer in layers]
+    evicted, quantized = evicted_quantized(per_layer)
     return {"suite": spec.suite, "task": spec.name, "sample_id": sample.sample_id, "quant_type": method,
             "cache_size": size, "budget": budget, "status": "ok", "prompt_tokens": len(ids),
             "prediction": prediction, "references": sample.references, "score": score(spec, sample, prediction),

@@ -6,10 +6,10 @@ Local files follow the Hub schema. With `--data-dir D`, a split is read from
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
+from arkv_bench.models import hub_offline, hub_reachable
 from arkv_bench.suites.base import DataError
 from arkv_bench.tasks import TaskSpec
 
@@ -21,11 +21,6 @@ def _candidates(spec: TaskSpec, split: str, data_dir: Path) -> list[Path]:
     if split == spec.split:
         paths += [data_dir / f"{spec.name}{s}" for s in SUFFIXES]
     return paths
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or \
-        os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
 def load_rows(spec: TaskSpec, split: str, data_dir: Path | None) -> list[dict[str, Any]]:
@@ -50,9 +45,10 @@ def load_rows(spec: TaskSpec, split: str, data_dir: Path | None) -> list[dict[st
             datasets.utils.logging.set_verbosity(level)
     hint = (f"dataset {spec.hub_id} ({spec.config or 'default'}, {split}) is not available offline; "
             f"download it where the Hub is reachable, or pass --data-dir with {spec.name}/{split}.jsonl in the Hub schema")
-    if not _in_cache(spec.hub_id) and (_offline() or not _hub_reachable()):
+    offline = hub_offline("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    if not _in_cache(spec.hub_id) and (offline or not hub_reachable()):
         # fail in seconds, not after huggingface_hub's 25-second retry loop
-        why = "is not available offline" if _offline() else "cannot be downloaded (the Hub cannot be reached)"
+        why = "is not available offline" if offline else "cannot be downloaded (the Hub cannot be reached)"
         raise DataError(hint.replace("is not available offline", why))
     try:
         return list(datasets.load_dataset(spec.hub_id, spec.config, split=split))
@@ -66,12 +62,6 @@ def _root_cause(e: BaseException) -> str:
         e = e.__cause__ or e.__context__  # type: ignore[assignment]
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
-
-
-def _hub_reachable() -> bool:
-    from arkv_bench.models import _hub_reachable as reachable  # the same quick TCP probe as for models
-
-    return reachable()
 
 
 def _in_cache(hub_id: str | None) -> bool:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from arkv_bench.cache import METHODS
+from arkv_bench.results import column_means, evicted_quantized, layer_vector, mean_of
 
 SUITE = "lm-eval"
 logger = logging.getLogger(__name__)
@@ -94,9 +95,9 @@ def check_tasks(tasks: list[str] | None, include_path: str | Path | None = None)
 def offline_datasets() -> Iterator[bool]:
     """With HF_HUB_OFFLINE set or the Hub unreachable, make `datasets` fail at once instead of
     retrying for ~40 s (both libraries read the variable only at import). Yields whether offline."""
-    from arkv_bench.models import _hub_offline, _hub_reachable
+    from arkv_bench.models import hub_offline, hub_reachable
 
-    if not (_hub_offline() or not _hub_reachable()):
+    if not (hub_offline() or not hub_reachable()):
         yield False
         return
     import datasets.config
@@ -299,7 +300,7 @@ def _record(task: str, sample: dict[str, Any], entries: list[dict[str, Any]], me
         ttft_ms = (first.get("prefill_s", 0.0) + first.get("score_s", 0.0)) * 1000
     itl_ms = [t * 1000 for e in generated if e["batch_row"] == 0 for t in e["itl_s"]]
     per_layer = _layer_fractions(entries)
-    n_layers = max(len(per_layer), 1)
+    evicted, quantized = evicted_quantized(per_layer)
     peaks = [e["peak_mem_bytes"] for e in entries if e.get("peak_mem_bytes") is not None]
     value = sample.get(metric)
     extra: dict[str, Any] = {"lm_eval_task": requested, "metric": key, "request_type": kind,
@@ -317,17 +318,12 @@ def _record(task: str, sample: dict[str, Any], entries: list[dict[str, Any]], me
         "decode_tokens": sum(e["decode_tokens"] for e in entries),
         "batch_rows": max((e["batch_rows"] for e in entries), default=1),
         "batch_row": 0 if owned else entries[0]["batch_row"],
-        "kv_bytes": _mean([e["kv_bytes"] for e in entries]),
-        "kv_bytes_full": _mean([e["kv_bytes_full"] for e in entries]),
+        "kv_bytes": mean_of([e["kv_bytes"] for e in entries]),
+        "kv_bytes_full": mean_of([e["kv_bytes_full"] for e in entries]),
         "compressed": any(e["compressed"] for e in entries),
-        "evicted_frac": sum(p[4] for p in per_layer) / n_layers,
-        "quantized_frac": sum(p[3] for p in per_layer) / n_layers,
+        "evicted_frac": evicted, "quantized_frac": quantized,
         "peak_mem_bytes": max(peaks) if peaks else None, "layers": per_layer, "extra": extra,
     }
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
 
 
 def _layer_fractions(entries: list[dict[str, Any]]) -> list[list[float | None]]:
@@ -335,14 +331,8 @@ def _layer_fractions(entries: list[dict[str, Any]]) -> list[list[float | None]]:
     rows: dict[int, list[list[float | None]]] = defaultdict(list)
     for e in entries:
         for i, layer in enumerate(e.get("layers") or []):
-            seen = max(layer["seen"], 1e-9)
-            rows[i].append([layer.get("oq_score"), layer.get("oq_ratio"), layer["original"] / seen,
-                            layer["quantized"] / seen, layer["evicted"] / seen])
-    out = []
-    for i in sorted(rows):
-        cols = list(zip(*rows[i]))
-        out.append([_mean([v for v in col if v is not None]) for col in cols])
-    return out
+            rows[i].append(layer_vector(layer))
+    return [column_means(rows[i]) for i in sorted(rows)]
 
 
 # --- a whole run (the runner's hook) -------------------------------------------------------------
