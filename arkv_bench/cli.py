@@ -81,6 +81,8 @@ def _typed(method_defaults: list[dict[str, Any]], key: str, value: str) -> Any:
                 if kind is int and float in kinds:
                     continue
                 fail(f"--method-option {key}={value}: {key} takes a {'number' if kind is float else 'whole number'}")
+    if not kinds and value.isdigit():  # an option whose default is None (e.g. akv's protect_recent): a count
+        return int(value)
     return value
 
 

@@ -91,3 +91,12 @@ def test_protect_recent_pins_that_many_recent_tokens_hot():
 def test_invalid_demotion_options(options, message):
     with pytest.raises(ValueError, match=message):
         akv(**options)
+
+
+def test_cli_types_the_demotion_options():
+    from arkv_bench.cli import _options
+    from arkv_bench.runner import RunOptions, parse_cache_size
+
+    opts = _options({"quant_type": "akv"}, ["protect_recent=20", "demotion=fifo"], RunOptions, parse_cache_size)
+    assert opts.method_options == {"protect_recent": 20, "demotion": "fifo"}
+    assert akv(**opts.method_options).layers[0].protect_recent == 20
