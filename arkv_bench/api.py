@@ -49,7 +49,7 @@ class Result:
     token_ids: list[int]  # generated ids, without the EOS that ended them
     prompt_tokens: int
     finish_reason: str  # "eos" or "length"
-    ttft_s: float  # prompt in -> first token out
+    ttft_s: float | None  # prompt in -> first token out (None if the first token was EOS)
     decode_tok_s: float | None  # tokens after the first, per second of their forward passes (None if fewer than 2)
     kv_bytes: int  # what the cache holds at the end, on the model's device
     kv_bytes_full: int  # what the full cache would hold for the same tokens
@@ -85,7 +85,7 @@ def generate(model: PreTrainedModel, tokenizer: Any, prompt_or_messages: Prompt,
     decode_s = sum(latencies[1:])
     return Result(text=tokenizer.decode(tokens, skip_special_tokens=True), token_ids=tokens,
                   prompt_tokens=input_ids.shape[1], finish_reason="length" if len(tokens) == max_new_tokens else "eos",
-                  ttft_s=latencies[0] if latencies else 0.0,
+                  ttft_s=latencies[0] if latencies else None,
                   decode_tok_s=(len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s else None,
                   kv_bytes=cache.kv_bytes(), kv_bytes_full=cache.full_kv_bytes(), host_bytes=cache.host_bytes(),
                   stats=cache.stats())
