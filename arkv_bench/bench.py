@@ -158,6 +158,9 @@ def check(opts: BenchOptions) -> list[str]:
     if arch and longest > arch["max_position_embeddings"]:
         raise UsageError(f"{opts.random_arch} takes {arch['max_position_embeddings']} positions; "
                          f"the longest context + --new-tokens is {longest}: lower --context-lengths")
+    if opts.find_max_batch and not resolve_device(opts.device).startswith("cuda"):
+        raise UsageError("--find-max-batch needs --device cuda: elsewhere nothing runs out of memory before the "
+                         "machine swaps")
     notes = []
     if "full-static" not in METHODS:
         notes.append("full-static is not in this version's methods: not run, its ratio columns are empty")
@@ -454,9 +457,6 @@ def run_bench(model: torch.nn.Module, info: dict[str, Any], opts: BenchOptions, 
               notes: list[str], progress: Callable[[str], None] = lambda label: None) -> BenchResult:
     """Measure every cell (and, with find_max_batch, each method's largest batch per context) into `folder`."""
     device = model.device
-    if opts.find_max_batch and device.type != "cuda":
-        raise UsageError("--find-max-batch needs a CUDA device: elsewhere nothing runs out of memory before the "
-                         "machine swaps")
     context_limit = info.get("max_positions")
     if context_limit and max(opts.context_lengths) + opts.new_tokens > context_limit:
         raise UsageError(f"{info['model']} takes {context_limit} positions; the longest context + --new-tokens is "
