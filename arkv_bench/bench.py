@@ -320,10 +320,10 @@ class Bench:
         except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
             if not _is_oom(e):
                 raise
-            _free(device)
-            return row
+            gen = None  # freed below, once the exception (and the tensors its frames hold) is gone
         _free(device)
-        row.update(self._figures(gen, batch, before, peak))
+        if gen is not None:
+            row.update(self._figures(gen, batch, before, peak))
         return row
 
     def _generate(self, name: str, options: dict[str, Any], ids: torch.Tensor) -> Any:
