@@ -240,7 +240,8 @@ def gpu_inventory() -> dict[str, Any]:
     if shutil.which("nvidia-smi"):
         try:
             done = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=20)
-            topology, source = (done.stdout.strip() or None), "nvidia-smi topo -m"
+            text = re.sub(r"\x1b\[[0-9;]*m", "", done.stdout).strip()  # it underlines its header for terminals
+            topology, source = text or None, "nvidia-smi topo -m"
         except (OSError, subprocess.SubprocessError) as e:
             source = f"nvidia-smi topo -m failed: {e}"
     return {"count": len(props), "names": [p.name for p in props], "topology": topology, "topology_source": source,
