@@ -27,7 +27,7 @@ import transformers
 from rich.table import Table
 
 from arkv_bench.cache import METHODS, make_cache, prepare_model
-from arkv_bench.compare import BENCH_SUITE, bench_task
+from arkv_bench.compare import BENCH_SUITE, bench_task, ratio
 from arkv_bench.generation import greedy_generate
 from arkv_bench.models import load_model, resolve_device, resolve_dtype
 from arkv_bench.results import SUMMARY_COLUMNS, _write_csv, evicted_quantized, layer_vector, provenance
@@ -146,18 +146,16 @@ def check(opts: BenchOptions) -> list[str]:
     for values, option in ((opts.batch_sizes, "--batch-size"), (opts.context_lengths, "--context-lengths")):
         if not values or min(values) < 1:
             raise UsageError(f"{option} takes whole numbers >= 1, got {','.join(map(str, values))}")
-    stub = transformers.PretrainedConfig(num_hidden_layers=1)
-    for spec in opts.methods:
+    # a whole config (head sizes and all), so a method that sizes its store when built can be built here too
+    config = arch_config(opts.random_arch) if opts.random_arch else transformers.LlamaConfig(num_hidden_layers=1)
+    for spec in method_specs(opts):
         name, options = parse_method(spec)
         try:
-            make_cache(name, stub, **cache_options(opts, name, options))
+            make_cache(name, config, **cache_options(opts, name, options))
         except ValueError as e:
             raise UsageError(f"{spec}: {e}") from e
-    arch = RANDOM_ARCHS.get(opts.random_arch or "", ("", {}))[1]
-    longest = max(opts.context_lengths) + opts.new_tokens
-    if arch and longest > arch["max_position_embeddings"]:
-        raise UsageError(f"{opts.random_arch} takes {arch['max_position_embeddings']} positions; "
-                         f"the longest context + --new-tokens is {longest}: lower --context-lengths")
+    if opts.random_arch:
+        check_positions(opts, opts.random_arch, config.max_position_embeddings)
     if opts.find_max_batch and not resolve_device(opts.device).startswith("cuda"):
         raise UsageError("--find-max-batch needs --device cuda: elsewhere nothing runs out of memory before the "
                          "machine swaps")
@@ -165,6 +163,14 @@ def check(opts: BenchOptions) -> list[str]:
     if "full-static" not in METHODS:
         notes.append("full-static is not in this version's methods: not run, its ratio columns are empty")
     return notes
+
+
+def check_positions(opts: BenchOptions, model: str, positions: int | None) -> None:
+    """The longest prompt plus the generated tokens must fit the model's positions."""
+    longest = max(opts.context_lengths) + opts.new_tokens
+    if positions and longest > positions:
+        raise UsageError(f"{model} takes {positions} positions; the longest context + --new-tokens is {longest}: "
+                         "lower --context-lengths")
 
 
 def cache_options(opts: BenchOptions, name: str, extra: dict[str, Any]) -> dict[str, Any]:
@@ -184,6 +190,12 @@ def method_specs(opts: BenchOptions) -> list[str]:
 
 # --- model and hardware ------------------------------------------------------------------------------
 
+def arch_config(arch: str) -> transformers.PretrainedConfig:
+    """The transformers config of a RANDOM_ARCHS shape."""
+    config_name, shape = RANDOM_ARCHS[arch]
+    return getattr(transformers, config_name)(**shape)
+
+
 def load_bench_model(opts: BenchOptions) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model to time: a real one (load_model) or a random one of an exact architecture's shape."""
     if not opts.random_arch:
@@ -191,15 +203,14 @@ def load_bench_model(opts: BenchOptions) -> tuple[torch.nn.Module, dict[str, Any
         return prepare_model(model), info
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
-    config_name, shape = RANDOM_ARCHS[opts.random_arch]
-    config = getattr(transformers, config_name)(**shape)
+    config = arch_config(opts.random_arch)
     torch.manual_seed(opts.seed)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval().requires_grad_(False)
     info = {"model": f"{opts.random_arch} (random weights)", "source": "random", "device": device,
             "dtype": str(dtype).removeprefix("torch."), "attn_implementation": "arkv",
-            "max_positions": shape["max_position_embeddings"]}
+            "max_positions": config.max_position_embeddings}
     return prepare_model(model), info
 
 
@@ -376,11 +387,6 @@ def largest_fitting(fits: Callable[[int], bool], limit: int) -> int:
     return good
 
 
-def ratio(value: Any, base: Any) -> float | None:
-    """value / base, or None (not measured) when either is missing or the base is 0."""
-    return None if value is None or not base else value / base
-
-
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """Each figure over the same cell's `full`, `full-static`, and the faster of the two ("best full")."""
     cells: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
@@ -458,10 +464,7 @@ def run_bench(model: torch.nn.Module, info: dict[str, Any], opts: BenchOptions, 
               notes: list[str], progress: Callable[[str], None] = lambda label: None) -> BenchResult:
     """Measure every cell (and, with find_max_batch, each method's largest batch per context) into `folder`."""
     device = model.device
-    context_limit = info.get("max_positions")
-    if context_limit and max(opts.context_lengths) + opts.new_tokens > context_limit:
-        raise UsageError(f"{info['model']} takes {context_limit} positions; the longest context + --new-tokens is "
-                         f"{max(opts.context_lengths) + opts.new_tokens}: lower --context-lengths")
+    check_positions(opts, info["model"], info.get("max_positions"))
     kwargs, used, api_notes = generation_options(opts, device)
     notes = notes + api_notes
     bandwidth = copy_bandwidth(device)

@@ -19,7 +19,7 @@ from arkv_bench.results_io import find_runs
 
 runner = CliRunner()
 CONTEXT, NEW_TOKENS, BATCHES = 48, 3, (1, 2)
-ARGS = ["--random-arch", "tiny-llama", "--quant-type", "full,mix,window", "--batch-size", "1,2",
+ARGS = ["--random-arch", "tiny-llama", "--quant-type", "full,full-static,mix,window", "--batch-size", "1,2",
         "--context-lengths", str(CONTEXT), "--cache-size", "24", "--window-size", "4",
         "--new-tokens", str(NEW_TOKENS), "--device", "cpu"]
 GPU_ONLY = ("peak_bytes", "peak_above_weights_bytes", "ideal_step_ms", "step_over_ideal")
