@@ -148,3 +148,30 @@ def test_largest_fitting_doubles_then_bisects(limit: int, fit: int) -> None:
     assert largest_fitting(fits, limit) == fit
     assert max(tried) <= limit and len(tried) == len(set(tried))  # never past the limit, never twice
     assert len(tried) <= 2 * limit.bit_length() + 1
+
+
+def test_compile_and_prefill_chunk_reach_the_decode_loop_only_where_it_takes_them(monkeypatch: pytest.MonkeyPatch
+                                                                                   ) -> None:
+    import inspect
+
+    import torch
+
+    from arkv_bench import bench as bench_module
+    from arkv_bench.bench import BenchOptions, generation_options
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    opts = BenchOptions(compile=None, prefill_chunk=512)
+    params = inspect.signature(bench_module.greedy_generate).parameters
+    kwargs, used, notes = generation_options(opts, cuda)
+    assert set(kwargs) == {"compile", "prefill_chunk"} & set(params)
+    if "prefill_chunk" not in params:
+        assert used["prefill_chunk"] == 0 and any("prefill_chunk" in n for n in notes)
+
+    def newer(model, ids, mask, cache, max_new_tokens, eos_ids=(), should_stop=None, compile=None, prefill_chunk=2048):
+        raise AssertionError("only its signature is read")
+
+    monkeypatch.setattr(bench_module, "greedy_generate", newer)
+    assert generation_options(opts, cuda)[:2] == ({"compile": True, "prefill_chunk": 512},
+                                                  {"compile": True, "prefill_chunk": 512})
+    assert generation_options(BenchOptions(), cpu)[:2] == ({"compile": False}, {"compile": False, "prefill_chunk": 2048})
+    assert generation_options(BenchOptions(compile=False), cuda)[1]["compile"] is False
