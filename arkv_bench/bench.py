@@ -255,9 +255,10 @@ def gpu_inventory() -> dict[str, Any]:
             topology, source = text or None, "nvidia-smi topo -m"
         except (OSError, subprocess.SubprocessError) as e:
             source = f"nvidia-smi topo -m failed: {e}"
+    devices = [{"name": p.name, "total_memory_bytes": p.total_memory, "multiprocessors": p.multi_processor_count,
+                "compute_capability": f"{p.major}.{p.minor}"} for p in props]
     return {"count": len(props), "names": [p.name for p in props], "topology": topology, "topology_source": source,
-            "devices": [{"name": p.name, "total_memory_bytes": p.total_memory, "multiprocessors": p.multi_processor_count,
-                         "compute_capability": f"{p.major}.{p.minor}"} for p in props]}
+            "devices": devices}
 
 
 def generation_options(opts: BenchOptions, device: torch.device) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
@@ -499,8 +500,15 @@ def run_bench(model: torch.nn.Module, info: dict[str, Any], opts: BenchOptions, 
 
 # --- the table -------------------------------------------------------------------------------------------
 
-def _cell(value: Any, pattern: str = "{:.1f}", scale: float = 1.0) -> str:
-    return "—" if value is None else pattern.format(value / scale)
+TABLE_COLUMNS = (  # header, bench.csv column, format, divisor
+    ("prefill ms", "prefill_ms", "{:.1f}", 1), ("step p50 ms", "step_ms_p50", "{:.2f}", 1),
+    ("step p99 ms", "step_ms_p99", "{:.2f}", 1), ("tok/s", "decode_tok_s", "{:.1f}", 1),
+    ("×full", "decode_tok_s_x_full", "{:.2f}", 1), ("×full-static", "decode_tok_s_x_full_static", "{:.2f}", 1),
+    ("×best full", "decode_tok_s_x_best_full", "{:.2f}", 1), ("KV MiB", "kv_bytes", "{:.1f}", 2**20),
+    ("KV ×full", "kv_bytes_x_full", "{:.3f}", 1), ("peak>weights MiB", "peak_above_weights_bytes", "{:.0f}", 2**20),
+    ("peak ×full", "peak_above_weights_bytes_x_full", "{:.3f}", 1), ("ideal ms", "ideal_step_ms", "{:.2f}", 1),
+    ("step/ideal", "step_over_ideal", "{:.2f}", 1),
+)
 
 
 def render_table(result: BenchResult) -> Table:
@@ -510,20 +518,15 @@ def render_table(result: BenchResult) -> Table:
              f"cache {config['cache_sizes'][0]}, window {config['window_size']}, compile {config['compile']}, "
              f"prefill chunk {config['prefill_chunk']}")
     table = Table(title=title)
-    headers = ("cell", "method", "status", "prefill ms", "step p50 ms", "step p99 ms", "tok/s", "×full",
-               "×full-static", "×best full", "KV MiB", "KV ×full", "peak>weights MiB", "peak ×full", "ideal ms",
-               "step/ideal")
-    for header in headers:
-        table.add_column(header, justify="left" if header in ("cell", "method", "status") else "right")
+    for header in ("cell", "method", "status"):
+        table.add_column(header)
+    for header, *_ in TABLE_COLUMNS:
+        table.add_column(header, justify="right")
     for r in result.rows:
         cell = bench_task(r["batch_size"] if r["kind"] == "cell" else None, r["context_length"])
         if r["kind"] != "cell":
             cell += f" (b{r['batch_size']})"
-        table.add_row(cell, r["method"], r["status"], _cell(r.get("prefill_ms")), _cell(r.get("step_ms_p50"), "{:.2f}"),
-                      _cell(r.get("step_ms_p99"), "{:.2f}"), _cell(r.get("decode_tok_s")),
-                      _cell(r.get("decode_tok_s_x_full"), "{:.2f}"), _cell(r.get("decode_tok_s_x_full_static"), "{:.2f}"),
-                      _cell(r.get("decode_tok_s_x_best_full"), "{:.2f}"), _cell(r.get("kv_bytes"), "{:.1f}", 2**20),
-                      _cell(r.get("kv_bytes_x_full"), "{:.3f}"), _cell(r.get("peak_above_weights_bytes"), "{:.0f}", 2**20),
-                      _cell(r.get("peak_above_weights_bytes_x_full"), "{:.3f}"), _cell(r.get("ideal_step_ms"), "{:.2f}"),
-                      _cell(r.get("step_over_ideal"), "{:.2f}"))
+        figures = ["—" if r.get(key) is None else pattern.format(r[key] / scale)
+                   for _, key, pattern, scale in TABLE_COLUMNS]
+        table.add_row(cell, r["method"], r["status"], *figures)
     return table

@@ -401,7 +401,7 @@ def tune(
 @app.command("bench")
 def bench_command(
     model: Optional[str] = typer.Option(None, help="Hub id, folder, .gguf file or 'smollm2-135m' (default)"),
-    random_arch: Optional[str] = typer.Option(None, help="llama-3.1-8b, qwen3-8b or tiny-llama: that shape, random weights"),
+    random_arch: Optional[str] = typer.Option(None, help="llama-3.1-8b, qwen3-8b or tiny-llama: random weights"),
     quant_type: str = typer.Option("full,mix", help="comma list of methods, each with options if any: mix:slack=64"),
     batch_size: str = typer.Option("1", help="comma list of batch sizes"),
     context_lengths: str = typer.Option("8192", help="comma list of prompt lengths in tokens"),
@@ -410,8 +410,10 @@ def bench_command(
     new_tokens: int = typer.Option(64, help="tokens generated per cell (EOS ignored)"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     dtype: str = typer.Option("auto", help="auto, bfloat16, float16 or float32"),
-    compile_step: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="graph-captured decode step [on for CUDA]"),
-    prefill_chunk: Optional[int] = typer.Option(None, help="prompt tokens per prefill pass, 0 = one pass [API default]"),
+    compile_step: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                                help="graph-captured decode step (default: on for CUDA)"),
+    prefill_chunk: Optional[int] = typer.Option(None, help="prompt tokens per prefill pass, 0 = one pass "
+                                                           "(default: the API's)"),
     find_max_batch: bool = typer.Option(False, help="also each method's largest batch per context (CUDA only)"),
     seed: int = typer.Option(0, help="seeds the random weights and prompts"),
     out_dir: Path = typer.Option(Path("results"), "--out", help="results folder"),
