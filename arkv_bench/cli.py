@@ -400,6 +400,53 @@ def tune(
         out.print(f"trials: {result.csv_path}  study: {result.study_name} in {result.storage}")
 
 
+@app.command("bench")
+def bench_command(
+    model: Optional[str] = typer.Option(None, help="Hub id, folder, .gguf file or 'smollm2-135m' (default)"),
+    random_arch: Optional[str] = typer.Option(None, help="llama-3.1-8b, qwen3-8b or tiny-llama: random weights"),
+    quant_type: str = typer.Option("full,mix", help="comma list of methods, each with options if any: mix:slack=64"),
+    batch_size: str = typer.Option("1", help="comma list of batch sizes"),
+    context_lengths: str = typer.Option("8192", help="comma list of prompt lengths in tokens"),
+    cache_size: int = typer.Option(2048, help="tokens per layer of the budgeted methods"),
+    window_size: int = typer.Option(32, help="recent tokens always kept at full precision"),
+    new_tokens: int = typer.Option(64, help="tokens generated per cell (EOS ignored)"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    dtype: str = typer.Option("auto", help="auto, bfloat16, float16 or float32"),
+    compile_step: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                                help="graph-captured decode step (default: on for CUDA)"),
+    prefill_chunk: Optional[int] = typer.Option(None, help="prompt tokens per prefill pass, 0 = one pass "
+                                                           "(default: the API's)"),
+    find_max_batch: bool = typer.Option(False, help="also each method's largest batch per context (CUDA only)"),
+    seed: int = typer.Option(0, help="seeds the random weights and prompts"),
+    out_dir: Path = typer.Option(Path("results"), "--out", help="results folder"),
+    run_name: Optional[str] = typer.Option(None, help="subfolder name (default: derived from the options)"),
+) -> None:
+    """Speed and memory of each method against full and full-static, per batch size and context length."""
+    from arkv_bench import bench
+    from arkv_bench.models import ModelError
+    from arkv_bench.runner import UsageError
+
+    try:
+        opts = bench.BenchOptions(
+            methods=_split(quant_type), batch_sizes=bench.int_list(batch_size, "--batch-size"),
+            context_lengths=bench.int_list(context_lengths, "--context-lengths"), cache_size=cache_size,
+            window_size=window_size, new_tokens=new_tokens, model=model, random_arch=random_arch, device=device,
+            dtype=dtype, compile=compile_step, prefill_chunk=prefill_chunk, find_max_batch=find_max_batch, seed=seed)
+        notes = bench.check(opts)
+        folder = bench.results_folder(opts, out_dir, run_name)
+        bench_model, info = bench.load_bench_model(opts)
+        with Progress(TextColumn("{task.description}"), BarColumn(), console=console) as bar:
+            task_id = bar.add_task("bench", total=None)
+            result = bench.run_bench(bench_model, info, opts, folder, notes,
+                                     lambda label: bar.update(task_id, description=label))
+    except (UsageError, ModelError) as e:
+        fail(str(e))
+    wide(out).print(bench.render_table(result))
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    out.print(f"results: {result.folder}")
+
+
 def main() -> None:
     app()
 

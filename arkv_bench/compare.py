@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -23,6 +24,19 @@ from arkv_bench.results_io import Run
 
 AVG_TASK = "AVG"
 EMPTY = "—"
+BENCH_SUITE = "bench"  # `arkv-bench bench`: one task per cell, never averaged over cells
+_BENCH_CELL = re.compile(r"(?:b(\d+)|max batch) x (\d+)")
+
+
+def bench_task(batch: int | None, context: int) -> str:
+    """The task name of a bench cell ('b8 x 32768'), or of a max-batch search (batch None)."""
+    return f"{'max batch' if batch is None else f'b{batch}'} x {context}"
+
+
+def parse_bench_task(task: str | None) -> tuple[int | None, int] | None:
+    """(batch or None for a max-batch row, context) of a bench task name; None for other names."""
+    match = _BENCH_CELL.fullmatch(task or "")
+    return None if match is None else (int(match[1]) if match[1] else None, int(match[2]))
 
 Row = dict[str, Any]
 
@@ -244,8 +258,8 @@ def _suite_averages(
     notes: list[str] = []
     for key, members in groups.items():
         suite_tasks = tasks_of[key[:4]]
-        if len(suite_tasks) < 2:
-            continue  # a one-task suite's average is the task row itself
+        if len(suite_tasks) < 2 or key[3] == BENCH_SUITE:
+            continue  # a one-task suite's average is the task row itself; bench cells are not alike
         rows = [row for row, _ in members]
         missing = sorted(map(str, suite_tasks - {row.get("task") for row in rows}))
         avg_row = _average_rows(rows)
