@@ -19,17 +19,23 @@ over the keys.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
 
 from arkv_bench.cache.kernels.segments import Codes, Segment
 
 LOG2E = 1.4426950408889634
+# Launch settings (scripts/bench_kernel.py --sweep times the alternatives): slots per tile, programs
+# per SM aimed at by the split-K plan, and Triton's warps and pipeline stages.
 BLOCK_N = 64
+WAVES = 2
+NUM_WARPS = 4
+NUM_STAGES = 2
 NEG = -1.0e30  # finite "minus infinity" for running maxima: exp2(NEG - NEG) stays defined
 
 
@@ -170,7 +176,7 @@ def _weights(logit_ptr, lse_ptr, w_ptr, n_slots, ROWS: tl.constexpr, BLOCK_M: tl
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < ROWS
-    lse = tl.load(lse_ptr + bh * ROWS + rows, mask=row_ok, other=float("-inf"))
+    lse = tl.load(lse_ptr + bh * ROWS + rows, mask=row_ok, other=0.0)
     ok = row_ok[:, None] & (n < n_slots)[None, :]
     logits = tl.load(logit_ptr + (bh * ROWS + rows)[:, None] * n_slots + n[None, :], mask=ok, other=float("-inf"))
     p = tl.where(ok & (lse > float("-inf"))[:, None], tl.exp2(logits - lse[:, None]), 0.0)
@@ -181,6 +187,12 @@ def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
     return (0, 0, 0, 0) if t is None else tuple(t.stride())
 
 
+def interpreting() -> bool:
+    """Whether triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+
+
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
@@ -188,9 +200,9 @@ def _sm_count(device: torch.device) -> int:
 
 
 def split_plan(segments: list[Segment], programs_per_split: int, device: torch.device) -> tuple[int, list[int]]:
-    """(slots per split, splits per segment): enough programs to fill the GPU about twice over."""
+    """(slots per split, splits per segment): about WAVES programs per SM over all segments."""
     blocks = [math.ceil(s.slots / BLOCK_N) for s in segments]
-    wanted = max(1, math.ceil(2 * _sm_count(device) / programs_per_split))
+    wanted = max(1, math.ceil(WAVES * _sm_count(device) / programs_per_split))
     per_split = max(1, math.ceil(sum(blocks) / wanted)) * BLOCK_N
     return per_split, [math.ceil(s.slots / per_split) for s in segments]
 
@@ -243,8 +255,8 @@ def triton_attention(query: torch.Tensor, segments: list[Segment], start: torch.
                 *seg.values.data.stride(), *_strides4(seg.values.scale)[:2], *vc["scale_strides"], *seg.pos.stride(),
                 HKV=hkv, ROWS=rows, T=t, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
                 K_BITS=kc["bits"], K_TG=kc["tg"], K_CG=kc["cg"], V_BITS=vc["bits"], V_TG=vc["tg"], V_CG=vc["cg"],
-                CAUSAL=query_pos is not None, WEIGHTS=return_weights, DOT_F32=knobs.runtime.interpret,
-                num_warps=4, num_stages=2)
+                CAUSAL=query_pos is not None, WEIGHTS=return_weights, DOT_F32=interpreting(),
+                num_warps=NUM_WARPS, num_stages=NUM_STAGES)
         offset += n_split
         seen += seg.slots
     lse = torch.empty(b * hkv * rows, **f32)
