@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from arkv_bench.cache.akv import make_tier
+from arkv_bench.cache.akv import make_tier, quantize_tokens
 from arkv_bench.cache.attention import attention_probs
-from arkv_bench.cache.kernels import Codes, decode_attention, fp8, original, packed_int, resolve_backend
+from arkv_bench.cache.kernels import Codes, Segment, decode_attention, fp8, original, packed_int, resolve_backend
 from arkv_bench.cache.kivi import KiviLayer
-from arkv_bench.cache.quantize import fp8_quantize
+from arkv_bench.cache.quantize import fp8_quantize, int_quantize, pack
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -177,3 +177,18 @@ def test_triton_chunk_of_queries_is_causal_across_segments():
                                       backend="triton")
     assert none is None
     torch.testing.assert_close(out_only, out, atol=0, rtol=0)
+
+
+@needs_triton
+def test_triton_key_groups_longer_than_a_tile():
+    """Keys grouped per channel over 128 slots, more than one tile of the kernel: the general (gathering) path."""
+    keys, values = dense_kv(256, 3)
+    codes, scale, zero = int_quantize(keys.view(B, HKV, 2, 128, D), 4, dim=3)
+    k = Codes(pack(codes.view(B, HKV, 256, D), 4), scale.squeeze(3), zero.squeeze(3), bits=4)
+    segments = [Segment(k, Codes(*quantize_tokens(values, 4, 8), bits=4), positions(256, 0, 3))]
+    q = query(1)
+    ref_out, ref_w = decode_attention(q, segments, START, D ** -0.5, return_weights=True, backend="torch")
+    out, w = decode_attention(q.to(DEVICE), on(DEVICE, segments), START.to(DEVICE), D ** -0.5,
+                              return_weights=True, backend="triton")
+    torch.testing.assert_close(out.cpu().float(), ref_out.float(), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(w[0].cpu(), ref_w[0], atol=1e-6, rtol=1e-4)

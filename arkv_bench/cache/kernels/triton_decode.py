@@ -36,33 +36,63 @@ BLOCK_N = 64
 WAVES = 2
 NUM_WARPS = 4
 NUM_STAGES = 2
-NEG = -1.0e30  # finite "minus infinity" for running maxima: exp2(NEG - NEG) stays defined
+NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: exp2(NEG - NEG) stays defined
 
 
 @triton.jit
-def _tile(ptr, scale_ptr, zero_ptr, n, d, ok, stride_n, stride_d, s_stride_n, s_stride_d,
-          BITS: tl.constexpr, TG: tl.constexpr, CG: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Slots n x channels d of one side, dequantized (float32, or as stored for bits 16); rows not `ok` read 0."""
+def _per_group(ptr, n, n0, hi, d, ok, s_stride_n, s_stride_d,
+               TG: tl.constexpr, CG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A scale or zero point [BLOCK_N, HEAD_DIM] (float32) for slots n = n0.. of groups TG slots x CG channels.
+
+    The common groupings load only their distinct values and broadcast them (a full-size gather
+    would be pipelined through shared memory at four bytes per value); others gather."""
+    if TG == 1 and ((HEAD_DIM // CG) & (HEAD_DIM // CG - 1)) == 0:  # per slot, groups of channels (KIVI values, AKV)
+        NG: tl.constexpr = HEAD_DIM // CG
+        g = tl.arange(0, NG)
+        x = tl.load(ptr + n[:, None] * s_stride_n + g[None, :] * s_stride_d, mask=ok[:, None], other=0.0)
+        x = tl.reshape(tl.broadcast_to(x[:, :, None], (BLOCK_N, NG, CG)), (BLOCK_N, HEAD_DIM))
+    elif CG == 1 and BLOCK_N % TG == 0:  # per channel, groups of slots (KIVI keys); tiles start on a group
+        NT: tl.constexpr = BLOCK_N // TG
+        t = tl.arange(0, NT)
+        x = tl.load(ptr + (n0 // TG + t)[:, None] * s_stride_n + d[None, :] * s_stride_d,
+                    mask=(n0 + t * TG < hi)[:, None], other=0.0)
+        x = tl.reshape(tl.broadcast_to(x[:, None, :], (NT, TG, HEAD_DIM)), (BLOCK_N, HEAD_DIM))
+    else:
+        x = tl.load(ptr + (n // TG)[:, None] * s_stride_n + (d // CG)[None, :] * s_stride_d, mask=ok[:, None],
+                    other=0.0)
+    return x
+
+
+@triton.jit
+def _tile(ptr, scale_ptr, zero_ptr, n0, hi, stride_n, stride_d, s_stride_n, s_stride_d,
+          BITS: tl.constexpr, TG: tl.constexpr, CG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Slots n0.. (below hi) x all channels of one side, dequantized (float32; as stored for bits 16);
+    slots at or past hi read 0."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    ok = n < hi
+    d = tl.arange(0, HEAD_DIM)
     if BITS == 16:
         x = tl.load(ptr + n[:, None] * stride_n + d[None, :] * stride_d, mask=ok[:, None], other=0.0)
     else:
         if BITS == 8:
             codes = tl.load(ptr + n[:, None] * stride_n + d[None, :] * stride_d, mask=ok[:, None], other=0.0)
             codes = codes.to(tl.float32)
-        else:
-            per: tl.constexpr = 8 // BITS
-            byte = tl.load(ptr + n[:, None] * stride_n + (d // per)[None, :] * stride_d, mask=ok[:, None], other=0)
-            codes = ((byte.to(tl.int32) >> ((d % per) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
-        if CG == HEAD_DIM:  # one scale per slot
-            s_off = (n // TG) * s_stride_n
-            x = codes * tl.load(scale_ptr + s_off, mask=ok, other=0.0)[:, None]
+        else:  # PER codes a byte, the first in the low bits
+            PER: tl.constexpr = 8 // BITS
+            NB: tl.constexpr = HEAD_DIM // PER
+            nb = tl.arange(0, NB)
+            byte = tl.load(ptr + n[:, None] * stride_n + nb[None, :] * stride_d, mask=ok[:, None], other=0)
+            shift = tl.arange(0, PER) * BITS
+            codes = (byte.to(tl.int32)[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1)
+            codes = tl.reshape(codes, (BLOCK_N, HEAD_DIM)).to(tl.float32)
+        if CG == HEAD_DIM and TG == 1:  # one scale per slot (FP8)
+            x = codes * tl.load(scale_ptr + n * s_stride_n, mask=ok, other=0.0)[:, None]
             if BITS != 8:
-                x += tl.load(zero_ptr + s_off, mask=ok, other=0.0)[:, None]
+                x += tl.load(zero_ptr + n * s_stride_n, mask=ok, other=0.0)[:, None]
         else:
-            s_off2 = (n // TG)[:, None] * s_stride_n + (d // CG)[None, :] * s_stride_d
-            x = codes * tl.load(scale_ptr + s_off2, mask=ok[:, None], other=0.0)
+            x = codes * _per_group(scale_ptr, n, n0, hi, d, ok, s_stride_n, s_stride_d, TG, CG, HEAD_DIM, BLOCK_N)
             if BITS != 8:
-                x += tl.load(zero_ptr + s_off2, mask=ok[:, None], other=0.0)
+                x += _per_group(zero_ptr, n, n0, hi, d, ok, s_stride_n, s_stride_d, TG, CG, HEAD_DIM, BLOCK_N)
     return x
 
 
@@ -119,8 +149,8 @@ def _partials(q_ptr, k_ptr, ks_ptr, kz_ptr, v_ptr, vs_ptr, vz_ptr, pos_ptr, star
         in_range = n < hi
         pos = tl.load(pos_ptr + b * p_sb + h * p_sh + n * p_sn, mask=in_range, other=-1)
         live = in_range & (pos >= first)
-        k = _tile(k_base, ks_ptr + ks_off, kz_ptr + ks_off, n, d, in_range, k_sn, k_sd, ks_sn, ks_sd,
-                  K_BITS, K_TG, K_CG, HEAD_DIM)
+        k = _tile(k_base, ks_ptr + ks_off, kz_ptr + ks_off, n0, hi, k_sn, k_sd, ks_sn, ks_sd,
+                  K_BITS, K_TG, K_CG, HEAD_DIM, BLOCK_N)
         k = _operand(k, dtype, DOT_F32)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         allowed = live[None, :] & row_ok[:, None]
@@ -134,8 +164,8 @@ def _partials(q_ptr, k_ptr, ks_ptr, kz_ptr, v_ptr, vs_ptr, vz_ptr, pos_ptr, star
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _tile(v_base, vs_ptr + vs_off, vz_ptr + vs_off, n, d, in_range, v_sn, v_sd, vs_sn, vs_sd,
-                  V_BITS, V_TG, V_CG, HEAD_DIM)
+        v = _tile(v_base, vs_ptr + vs_off, vz_ptr + vs_off, n0, hi, v_sn, v_sd, vs_sn, vs_sd,
+                  V_BITS, V_TG, V_CG, HEAD_DIM, BLOCK_N)
         v = _operand(v, dtype, DOT_F32)
         v = tl.where(live[:, None], v, 0.0)  # empty slots may hold anything, NaN included
         acc = acc * alpha[:, None] + tl.dot(_operand(p, dtype, DOT_F32), v)
@@ -183,10 +213,6 @@ def _weights(logit_ptr, lse_ptr, w_ptr, n_slots, ROWS: tl.constexpr, BLOCK_M: tl
     tl.store(w_ptr + bh * n_slots + n, tl.sum(p, 0) / ROWS, mask=n < n_slots)
 
 
-def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
-    return (0, 0, 0, 0) if t is None else tuple(t.stride())
-
-
 def interpreting() -> bool:
     """Whether triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
@@ -207,14 +233,16 @@ def split_plan(segments: list[Segment], programs_per_split: int, device: torch.d
     return per_split, [math.ceil(s.slots / per_split) for s in segments]
 
 
-def _side(codes: Codes) -> tuple[list, dict]:
-    """Pointer and stride arguments of one side, and its format's constants."""
-    scale = codes.scale if codes.scale is not None else codes.data
+def _side(codes: Codes) -> tuple[list[torch.Tensor], list[int], dict[str, int]]:
+    """One side's tensors (codes, scale, zero), their strides (codes' 4, then the scale's 4, which the
+    zero point shares) and its format's constants."""
+    scale = codes.scale if codes.scale is not None else codes.data  # placeholders where the format has none
     zero = codes.zero if codes.zero is not None else scale
+    if zero.stride() != scale.stride():
+        scale, zero = scale.contiguous(), zero.contiguous()
     tg, cg = codes.groups
     cg = codes.head_dim if codes.scale is None else cg
-    _, _, sn, sd = _strides4(codes.scale)
-    return [codes.data, scale, zero], {"bits": codes.bits, "tg": tg, "cg": cg, "scale_strides": (sn, sd)}
+    return [codes.data, scale, zero], [*codes.data.stride(), *scale.stride()], {"BITS": codes.bits, "TG": tg, "CG": cg}
 
 
 def triton_attention(query: torch.Tensor, segments: list[Segment], start: torch.Tensor, scaling: float,
@@ -245,16 +273,14 @@ def triton_attention(query: torch.Tensor, segments: list[Segment], start: torch.
     offset, seen = 0, 0
     for seg, n_split in zip(segments, splits):
         if n_split:
-            k_args, kc = _side(seg.keys)
-            v_args, vc = _side(seg.values)
+            k_args, k_strides, kc = _side(seg.keys)
+            v_args, v_strides, vc = _side(seg.values)
             _partials[(b * hkv, n_split)](
-                q, k_args[0], k_args[1], k_args[2], v_args[0], v_args[1], v_args[2], seg.pos, start, qpos,
-                acc, m, l_sum, logits,
+                q, *k_args, *v_args, seg.pos, start, qpos, acc, m, l_sum, logits,
                 qk_scale, seg.slots, per_split, offset, seen, n_total, total_splits,
-                q.stride(0), q.stride(1), *seg.keys.data.stride(), *_strides4(seg.keys.scale)[:2], *kc["scale_strides"],
-                *seg.values.data.stride(), *_strides4(seg.values.scale)[:2], *vc["scale_strides"], *seg.pos.stride(),
+                q.stride(0), q.stride(1), *k_strides, *v_strides, *seg.pos.stride(),
                 HKV=hkv, ROWS=rows, T=t, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-                K_BITS=kc["bits"], K_TG=kc["tg"], K_CG=kc["cg"], V_BITS=vc["bits"], V_TG=vc["tg"], V_CG=vc["cg"],
+                **{f"K_{name}": v for name, v in kc.items()}, **{f"V_{name}": v for name, v in vc.items()},
                 CAUSAL=query_pos is not None, WEIGHTS=return_weights, DOT_F32=interpreting(),
                 num_warps=NUM_WARPS, num_stages=NUM_STAGES)
         offset += n_split
