@@ -92,7 +92,7 @@ def copy_bandwidth() -> float:
     return 2 * nbytes(src) / us / 1e3
 
 
-def today(keys_full_like, segments, fmt: str):
+def today(segments):
     """What the caches do now: a full-precision copy of the quantized part, then SDPA."""
     head, tail = segments
     def run(q):
@@ -115,10 +115,7 @@ def main() -> None:
     scaling = D ** -0.5
     hbm = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  copy {hbm:.0f} GB/s", flush=True)
-    rows = []
-
     def report(row: dict) -> None:
-        rows.append(row)
         gbs = row["bytes"] / row["graph_us"] / 1e3
         print(f"b{row['batch']:<2} {row['what']:<34} {row['bytes'] / 2**20:8.1f} MiB  eager {row['eager_us']:8.1f} us"
               f"  graph {row['graph_us']:8.1f} us  {gbs:6.0f} GB/s ({gbs / hbm:4.0%} of copy)", flush=True)
@@ -134,25 +131,33 @@ def main() -> None:
         report({"batch": batch, "what": "SDPA bf16 (full store)", "bytes": nbytes(keys, values),
                 "eager_us": eager, "graph_us": graph})
         for fmt, segments in made.items():
-            if args.check:
-                ref, ref_w = decode_attention(q, segments, start, scaling, return_weights=True, backend="torch")
-                out, w = decode_attention(q, segments, start, scaling, return_weights=True, backend="triton")
-                err_w = max((a - b).abs().max().item() for a, b in zip(w, ref_w))
-                print(f"check b{batch} {fmt}: max |out - ref| {(out.float() - ref.float()).abs().max().item():.2e}"
-                      f"  max |w - ref| {err_w:.2e}", flush=True)
-            for weights in (False, True):
-                fn = lambda: decode_attention(q, segments, start, scaling, return_weights=weights, backend="triton")
-                eager, graph = timed(fn, args.iters)
-                report({"batch": batch, "what": f"kernel {fmt}{' + weights' if weights else ''}",
-                        "bytes": segment_bytes(segments), "eager_us": eager, "graph_us": graph})
-            if fmt != "bf16":
-                eager, graph = timed(lambda: today(keys, segments, fmt)(q), args.iters)
-                report({"batch": batch, "what": f"today: dequantize {fmt} + SDPA", "bytes": segment_bytes(segments),
-                        "eager_us": eager, "graph_us": graph})
+            try:
+                measure_format(fmt, segments, q, start, scaling, args, batch, report)
+            except Exception as e:  # one format's failure must not hide the others' figures
+                print(f"b{batch} {fmt}: FAILED {type(e).__name__}: {str(e)[:2000]}", flush=True)
         if args.sweep:
             sweep(batch, made, q, start, scaling, args.iters, report)
         del keys, values, made
         torch.cuda.empty_cache()
+
+
+def measure_format(fmt, segments, q, start, scaling, args, batch, report) -> None:
+    if args.check:
+        ref, ref_w = decode_attention(q, segments, start, scaling, return_weights=True, backend="torch")
+        out, w = decode_attention(q, segments, start, scaling, return_weights=True, backend="triton")
+        err_w = max((a - b).abs().max().item() for a, b in zip(w, ref_w))
+        print(f"check b{batch} {fmt}: max |out - ref| {(out.float() - ref.float()).abs().max().item():.2e}"
+              f"  max |w - ref| {err_w:.2e}  (max |ref| {ref.abs().max().item():.2f}, max w {max(x.max().item() for x in ref_w):.2e})",
+              flush=True)
+    for weights in (False, True):
+        fn = lambda: decode_attention(q, segments, start, scaling, return_weights=weights, backend="triton")
+        eager, graph = timed(fn, args.iters)
+        report({"batch": batch, "what": f"kernel {fmt}{' + weights' if weights else ''}",
+                "bytes": segment_bytes(segments), "eager_us": eager, "graph_us": graph})
+    if fmt != "bf16":
+        eager, graph = timed(lambda: today(segments)(q), args.iters)
+        report({"batch": batch, "what": f"today: dequantize {fmt} + SDPA", "bytes": segment_bytes(segments),
+                "eager_us": eager, "graph_us": graph})
 
 
 def sweep(batch, made, q, start, scaling, iters, report) -> None:

@@ -136,6 +136,9 @@ def test_bad_segments_and_backend_are_refused():
     with pytest.raises(ValueError, match="attention kernel must be one of"):
         resolve_backend("cuda", DEVICE)
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("auto", torch.device("cuda"), torch.float32) == "torch"
+    with pytest.raises(ValueError, match="at most 128 rows"):
+        resolve_backend("triton", DEVICE, torch.bfloat16, rows=256)
 
 
 # --- the Triton kernel against the reference -----------------------------------------------

@@ -9,8 +9,9 @@ One softmax spans all segments. `weights`, when asked for, is one float32 tensor
 per segment: each slot's attention weight averaged over the T queries and the query heads of
 its KV group (what the scoring methods read), from the same pass.
 
-`backend`: "torch" (the reference; any device), "triton" (CUDA, or the CPU under
-TRITON_INTERPRET=1), "auto" (triton on CUDA when triton is installed, else torch).
+`backend`: "torch" (the reference; any device, any dtype), "triton" (bf16/fp16 on CUDA, or on
+the CPU under TRITON_INTERPRET=1; at most MAX_ROWS = 128 query rows G * T per KV head), "auto"
+(triton where it applies and is installed, else torch).
 """
 
 from __future__ import annotations
@@ -23,16 +24,26 @@ from arkv_bench.cache.kernels.reference import reference_attention
 from arkv_bench.cache.kernels.segments import Codes, Segment, fp8, original, packed_int
 
 BACKENDS = ("auto", "triton", "torch")
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+MAX_ROWS = 128  # query heads per KV head x queries: one program holds them all in registers
 __all__ = ["BACKENDS", "Codes", "Segment", "decode_attention", "fp8", "original", "packed_int", "resolve_backend"]
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """"triton" or "torch" for this device; a bad name raises ValueError."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.bfloat16, rows: int = 1,
+                    head_dim: int = 128) -> str:
+    """"triton" or "torch" for a query of this device and dtype with `rows` = G * T rows per KV head.
+
+    A bad name, or "triton" where the kernel does not apply, raises ValueError."""
     if backend not in BACKENDS:
         raise ValueError(f"attention kernel must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    fits = dtype in KERNEL_DTYPES and rows <= MAX_ROWS and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    if backend == "triton" and not fits:
+        raise ValueError(f"the triton kernel takes bf16/fp16 queries of at most {MAX_ROWS} rows per KV head and a "
+                         f"power-of-two head dimension >= 16, got {dtype}, {rows} rows, {head_dim}: use the torch backend")
     if backend != "auto":
         return backend
-    return "triton" if device.type == "cuda" and importlib.util.find_spec("triton") is not None else "torch"
+    usable = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    return "triton" if usable and fits else "torch"
 
 
 def decode_attention(query: torch.Tensor, segments: list[Segment], start: torch.Tensor, scaling: float,
@@ -50,7 +61,7 @@ def decode_attention(query: torch.Tensor, segments: list[Segment], start: torch.
         raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
     if query_pos is not None:
         query_pos = query_pos.to(torch.int32).expand(b, t)
-    if resolve_backend(backend, query.device) == "torch":
+    if resolve_backend(backend, query.device, query.dtype, hq // hkv * t, d) == "torch":
         return reference_attention(query, segments, start, scaling, query_pos, return_weights)
     from arkv_bench.cache.kernels.triton_decode import triton_attention  # triton imports only when used
 
