@@ -161,12 +161,14 @@ def measure_format(fmt, segments, q, start, scaling, args, batch, report) -> Non
 
 
 def sweep(batch, made, q, start, scaling, iters, report) -> None:
-    """Launch settings of the segment kernel (module constants), on the FP8 and int4 stores."""
-    saved = (triton_decode.BLOCK_N, triton_decode.WAVES, triton_decode.NUM_WARPS, triton_decode.NUM_STAGES)
+    """Launch settings of the segment kernel (module constants), on the FP8 and int4 stores; splits
+    as small as the waves ask (no MIN_SPLIT_SLOTS floor)."""
+    names = ("BLOCK_N", "BLOCK_N_INT", "WAVES", "MIN_SPLIT_SLOTS", "NUM_WARPS", "NUM_STAGES")
+    saved = {name: getattr(triton_decode, name) for name in names}
     for block_n, warps, stages in ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 3)):
         for waves in (1, 2, 4, 8):
-            triton_decode.BLOCK_N, triton_decode.WAVES = block_n, waves
-            triton_decode.NUM_WARPS, triton_decode.NUM_STAGES = warps, stages
+            for name, value in zip(names, (block_n, block_n, waves, 0, warps, stages)):
+                setattr(triton_decode, name, value)
             for fmt in ("fp8", "kivi4"):
                 fn = lambda: decode_attention(q, made[fmt], start, scaling, backend="triton")
                 try:
@@ -176,7 +178,8 @@ def sweep(batch, made, q, start, scaling, iters, report) -> None:
                     continue
                 report({"batch": batch, "what": f"sweep {fmt} n{block_n} w{warps} s{stages} waves{waves}",
                         "bytes": segment_bytes(made[fmt]), "eager_us": eager, "graph_us": graph})
-    triton_decode.BLOCK_N, triton_decode.WAVES, triton_decode.NUM_WARPS, triton_decode.NUM_STAGES = saved
+    for name, value in saved.items():
+        setattr(triton_decode, name, value)
 
 
 if __name__ == "__main__":

@@ -30,10 +30,13 @@ import triton.language as tl
 from arkv_bench.cache.kernels.segments import Codes, Segment
 
 LOG2E = 1.4426950408889634
-# Launch settings (scripts/bench_kernel.py --sweep times the alternatives): slots per tile, programs
-# per SM aimed at by the split-K plan, and Triton's warps and pipeline stages.
-BLOCK_N = 64
-WAVES = 2
+# Launch settings, the fastest of `scripts/bench_kernel.py --sweep` on one H200 at b1 and b8 x 32K
+# (Llama-3.1-8B shape): slots per tile (model dtype and FP8; packed int codes), programs per SM
+# aimed at by the split-K plan, the fewest slots a split takes, Triton's warps and pipeline stages.
+BLOCK_N = 128
+BLOCK_N_INT = 64
+WAVES = 8
+MIN_SPLIT_SLOTS = 1024
 NUM_WARPS = 4
 NUM_STAGES = 2
 NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: exp2(NEG - NEG) stays defined
@@ -226,10 +229,13 @@ def _sm_count(device: torch.device) -> int:
 
 
 def split_plan(segments: list[Segment], programs_per_split: int, device: torch.device) -> tuple[int, list[int]]:
-    """(slots per split, splits per segment): about WAVES programs per SM over all segments."""
-    blocks = [math.ceil(s.slots / BLOCK_N) for s in segments]
+    """(slots per split, splits per segment): up to WAVES programs per SM over all segments, so that
+    b1 x 32K fills the GPU, but no split under MIN_SPLIT_SLOTS slots (more would cost more than they
+    spread). Splits start on a multiple of every tile size."""
+    quantum = max(BLOCK_N, BLOCK_N_INT)
     wanted = max(1, math.ceil(WAVES * _sm_count(device) / programs_per_split))
-    per_split = max(1, math.ceil(sum(blocks) / wanted)) * BLOCK_N
+    per_split = max(MIN_SPLIT_SLOTS, math.ceil(sum(s.slots for s in segments) / wanted), 1)
+    per_split = math.ceil(per_split / quantum) * quantum
     return per_split, [math.ceil(s.slots / per_split) for s in segments]
 
 
@@ -279,7 +285,8 @@ def triton_attention(query: torch.Tensor, segments: list[Segment], start: torch.
                 q, *k_args, *v_args, seg.pos, start, qpos, acc, m, l_sum, logits,
                 qk_scale, seg.slots, per_split, offset, seen, n_total, total_splits,
                 q.stride(0), q.stride(1), *k_strides, *v_strides, *seg.pos.stride(),
-                HKV=hkv, ROWS=rows, T=t, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+                HKV=hkv, ROWS=rows, T=t, HEAD_DIM=d, BLOCK_M=block_m,
+                BLOCK_N=BLOCK_N_INT if min(kc["BITS"], vc["BITS"]) < 8 else BLOCK_N,
                 **{f"K_{name}": v for name, v in kc.items()}, **{f"V_{name}": v for name, v in vc.items()},
                 CAUSAL=query_pos is not None, WEIGHTS=return_weights, DOT_F32=interpreting(),
                 num_warps=NUM_WARPS, num_stages=NUM_STAGES)
