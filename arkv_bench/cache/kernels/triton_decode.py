@@ -1,6 +1,6 @@
 """Split-K decode attention in Triton that reads every segment as stored.
 
-Three launches per call (plus one per extra segment):
+One launch per segment, then one or two for the whole call:
 
 1. `_partials`, once per segment, grid (B * Hkv, splits): one program takes one KV head's
    G * T query rows (G query heads per KV head, T queries) against a range of slots, loads
@@ -260,7 +260,9 @@ def triton_attention(query: torch.Tensor, segments: list[Segment], start: torch.
     rows = hq // hkv * t
     block_m = max(16, triton.next_power_of_2(rows))
     q = query.reshape(b, hq * t, d)
-    out = torch.empty_like(q)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    out = query.new_empty(b, hq * t, d)
     start = start.to(torch.int32).contiguous()
     qpos = (query_pos.to(torch.int32).expand(b, t).contiguous() if query_pos is not None
             else torch.empty(1, dtype=torch.int32, device=query.device))
