@@ -167,7 +167,7 @@ def build(spec: TaskSpec, options: SuiteOptions, tokenizer: Any, chat: bool,
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"--ppl-chunk must be a positive number of tokens, got {chunk!r}")
     max_tokens = options.max_length or spec.extra["max_tokens"]
-    tokens = min(len(tokenizer(text).input_ids), max_tokens)
+    tokens = min(len(tokenizer(text, verbose=False).input_ids), max_tokens)
     if tokens < 2:
         raise DataError(f"ppl/{spec.name}: the text has {tokens} token(s); perplexity needs at least 2")
     return [Sample(sample_id=sample_id, prompt=text, references=[], max_new_tokens=0,
@@ -178,7 +178,7 @@ def build(spec: TaskSpec, options: SuiteOptions, tokenizer: Any, chat: bool,
 def input_ids(tokenizer: Any, sample: Sample, model: PreTrainedModel) -> torch.Tensor:
     """The scored tokens: the first ``text_tokens`` ids, cut to the model's positions (recorded by evaluate)."""
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or sample.extra["text_tokens"]
-    ids = tokenizer(sample.prompt).input_ids[:min(sample.extra["text_tokens"], limit)]
+    ids = tokenizer(sample.prompt, verbose=False).input_ids[:min(sample.extra["text_tokens"], limit)]
     return torch.tensor([ids], device=model.device)
 
 

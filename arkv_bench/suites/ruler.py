@@ -25,7 +25,7 @@ from typing import Any
 
 from arkv_bench.suites._ruler_words import ADJECTIVES, NOUNS, PLACES, TIMES, VERBS_PAST
 from arkv_bench.suites.base import Sample, SuiteOptions
-from arkv_bench.suites.passkey import FILLER_SENTENCES, LENGTH_TOLERANCE, MIN_CONTEXT_LENGTH, _Measurer
+from arkv_bench.suites.passkey import FILLER_SENTENCES, LENGTH_TOLERANCE, _Measurer, _validate
 from arkv_bench.tasks import TaskSpec
 
 KINDS = ("niah", "vt", "cwe")
@@ -361,19 +361,6 @@ def make_ruler_samples(tokenizer: Any, name: str, task: RulerTask, context_lengt
             for s in range(samples_per_cell):
                 samples += _needle_samples(m, name, task, length, float(depth), s, seed, max_new_tokens)
     return samples
-
-
-def _validate(context_lengths: list[int], depths: list[float], samples_per_cell: int) -> None:
-    if not context_lengths or not depths:
-        raise ValueError("context_lengths and depths must be non-empty")
-    for length in context_lengths:
-        if not isinstance(length, int) or isinstance(length, bool) or length < MIN_CONTEXT_LENGTH:
-            raise ValueError(f"context length {length!r} must be an int >= {MIN_CONTEXT_LENGTH} tokens")
-    for d in depths:
-        if not 0.0 <= float(d) <= 1.0:
-            raise ValueError(f"depth {d!r} must be within [0, 1]")
-    if samples_per_cell < 1:
-        raise ValueError("samples_per_cell must be >= 1")
 
 
 # --- entry points for the suite registry ------------------------------------------------------
