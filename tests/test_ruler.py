@@ -38,7 +38,8 @@ def test_yaml_defines_rulers_tasks():
     assert set(SPECS) == {"niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
                           "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe"}
     tasks = {name: ruler.RulerTask.from_extra(name, spec.extra) for name, spec in SPECS.items()}
-    assert (tasks["niah_multikey_1"].keys, tasks["niah_multivalue"].values, tasks["niah_multiquery"].queries) == (4, 4, 4)
+    multi = tasks["niah_multikey_1"].keys, tasks["niah_multivalue"].values, tasks["niah_multiquery"].queries
+    assert multi == (4, 4, 4)
     assert (tasks["vt"].hops, tasks["cwe"].common, tasks["cwe"].freq_common, tasks["cwe"].freq_rare) == (4, 10, 30, 3)
     assert all(spec.metric == "ruler" for spec in SPECS.values())
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from transformers import Cache, PreTrainedModel
 
+from arkv_bench.cache import BenchCache
 from arkv_bench.generation import clock
 from arkv_bench.suites.base import DataError, Sample, SuiteOptions
 from arkv_bench.tasks import TaskSpec
@@ -149,7 +150,8 @@ def load_text(spec: TaskSpec, text_file: Path | None, data_dir: Path | None) -> 
         return spec.name, offline_text(spec.extra["play"])
     if spec.hub_id:
         return spec.name, hub_text(spec, data_dir)
-    raise DataError(f"ppl task {spec.name!r} names no text (extra.play, hub_id, or the 'file' task); fix tasks/ppl.yaml")
+    raise DataError(f"ppl task {spec.name!r} names no text (extra.play, hub_id, or the 'file' task): "
+                    "fix tasks/ppl.yaml")
 
 
 # --- entry points for the suite registry ------------------------------------------------------
@@ -182,11 +184,15 @@ def input_ids(tokenizer: Any, sample: Sample, model: PreTrainedModel) -> torch.T
     return torch.tensor([ids], device=model.device)
 
 
-def evaluate(model: PreTrainedModel, tokenizer: Any, sample: Sample, cache: Cache) -> dict[str, Any]:
-    """One (text, method, budget): the record's fields (``score`` is the perplexity; lower is better)."""
+def evaluate(model: PreTrainedModel, tokenizer: Any, sample: Sample, cache: BenchCache) -> dict[str, Any]:
+    """One (text, method, budget): the record's fields (``score`` is the perplexity; lower is better).
+
+    The bytes are what the cache holds after the last chunk, next to what the full cache would hold.
+    """
     ids = input_ids(tokenizer, sample, model)
     result = perplexity(model, ids, cache, sample.extra["ppl_chunk"])
     return {"score": result.ppl, "ppl": result.ppl, "nll": result.nll, "ppl_tokens": result.tokens,
             "prompt_tokens": ids.shape[1], "chunk_nll": result.chunk_nll, "chunk_tokens": result.chunk_tokens,
             "ppl_chunk": sample.extra["ppl_chunk"], "prefill_s": result.seconds,
-            "prefill_tok_s": ids.shape[1] / result.seconds if result.seconds > 0 else None}
+            "prefill_tok_s": ids.shape[1] / result.seconds if result.seconds > 0 else None,
+            "kv_bytes": cache.kv_bytes(), "kv_bytes_full": cache.full_kv_bytes(), "compressed": cache.compressed}

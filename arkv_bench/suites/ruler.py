@@ -76,7 +76,8 @@ class RulerTask:
         need(self.haystack in HAYSTACKS, f"haystack must be one of {', '.join(HAYSTACKS)}")
         need(self.key in KEY_TYPES and self.value in VALUE_TYPES, "key must be word|uuid and value number|uuid")
         for count in ("keys", "values", "queries", "chains", "hops", "common", "freq_common", "freq_rare"):
-            need(isinstance(getattr(self, count), int) and getattr(self, count) >= 1, f"{count} must be an integer >= 1")
+            value = getattr(self, count)
+            need(isinstance(value, int) and value >= 1, f"{count} must be an integer >= 1")
         need(self.queries <= self.keys, "queries must not exceed keys")
         need(self.freq_common > self.freq_rare, "freq_common must exceed freq_rare")
 
