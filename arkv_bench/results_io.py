@@ -8,8 +8,11 @@ that was not measured (an empty CSV cell) becomes ``None`` instead of ``0`` or `
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +47,79 @@ def parse_number(text: str | None) -> int | float | None:
     return None if math.isnan(value) else value  # NaN carries no measurement either
 
 
-def parse_cache_size(text: str | None) -> int | float | str | None:
+def atomic_write(path: Path, text: str) -> Path:
+    """Write `text` to `path` so that a reader (or a kill) sees the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def csv_text(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    """A CSV document; a missing or None value is an empty cell (= not measured)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
+    return buffer.getvalue()
+
+
+@dataclass
+class JsonLines:
+    """What a JSONL file holds: its records (JSON objects), their lines, and the lines that are not one."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    unreadable: int = 0
+    torn_end: bool = False  # the last line has no newline (a write killed halfway)
+
+    @property
+    def needs_repair(self) -> bool:
+        return bool(self.unreadable) or self.torn_end
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any] | None]]:
+    """(line, its JSON object or None when the line is not one) for every non-blank line."""
+    if not path.is_file():
+        return
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            yield line, record if isinstance(record, dict) else None
+
+
+def read_jsonl(path: Path) -> JsonLines:
+    """Every JSON object of a JSONL file (the one reader of samples.jsonl)."""
+    out = JsonLines()
+    for line, record in iter_jsonl(path):
+        if record is None:
+            out.unreadable += 1
+        else:
+            out.records.append(record)
+            out.lines.append(line)
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb") as handle:
+            handle.seek(-1, os.SEEK_END)
+            out.torn_end = handle.read(1) != b"\n"
+    return out
+
+
+def _cache_size_cell(text: str | None) -> int | float | str | None:
     """A cache size is a token budget (int), a fraction of the prompt (float) or 'full'."""
     if text is None or not text.strip():
         return None
@@ -61,7 +136,7 @@ def _parse_row(row: dict[str, str | None]) -> dict[str, Any]:
         if key is None:  # surplus cells of a malformed line; nothing to name them by
             continue
         if key == "cache_size":
-            parsed[key] = parse_cache_size(value)
+            parsed[key] = _cache_size_cell(value)
         elif key in TEXT_COLUMNS:
             parsed[key] = value.strip() if value and value.strip() else None
         else:
@@ -121,20 +196,9 @@ class Run:
         Lines that are not a JSON object are skipped: samples are appended as each one
         finishes, so a run killed mid-write leaves a truncated last line behind.
         """
-        path = self.path / SAMPLES_FILE
-        if not path.is_file():
-            return
-        with path.open(encoding="utf-8") as handle:
-            for line in handle:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(record, dict):
-                    yield record
+        for _, record in iter_jsonl(self.path / SAMPLES_FILE):
+            if record is not None:
+                yield record
 
 
 def _run_dirs_under(path: Path) -> list[Path]:
