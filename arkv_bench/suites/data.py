@@ -23,9 +23,11 @@ def _candidates(spec: TaskSpec, split: str, data_dir: Path) -> list[Path]:
     return paths
 
 
-def load_rows(spec: TaskSpec, split: str, data_dir: Path | None) -> list[dict[str, Any]]:
+def load_rows(spec: TaskSpec, split: str, data_dir: str | Path | None) -> list[dict[str, Any]]:
     """The rows of one split, as dicts."""
     import datasets
+
+    data_dir = Path(data_dir).expanduser() if data_dir else None
 
     datasets.utils.logging.disable_progress_bar()
     if data_dir is not None:
