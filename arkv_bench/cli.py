@@ -2,24 +2,99 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import os
+import signal
 import sys
+import tempfile
+import threading
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
+import click
 import typer
 import yaml
+from typer.core import TyperGroup
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Benchmark KV-cache compression (ARKV and baselines) on real models.")
 console = Console(stderr=True)
 out = Console()
+# What the error boundary needs to know: --debug, and the run folder results are being written to.
+STATE: dict[str, Any] = {"debug": False, "folder": None}
+
+
+class _Interrupted(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise _Interrupted()
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def error_boundary(work: Callable[[], Any], debug: bool = False) -> Any:
+    """Run `work`, turning what escapes it into one line: a known error (UsageError and its kin: ModelError,
+    DataError, ...) -> its message, exit 2; Ctrl-C or SIGTERM -> what was kept, exit 130; anything else -> one
+    line naming the file its traceback was saved to (printed too with --debug), exit 1."""
+    from arkv_bench.options import UsageError
+
+    try:
+        with _terminate_as_interrupt():
+            return work()
+    except UsageError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        folder = STATE.get("folder")
+        kept = (f"every finished sample is kept in {folder}; the same command resumes from there" if folder
+                else "nothing was written; the same command starts over")
+        console.print(f"[bold yellow]interrupted:[/] {kept}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    except (typer.Exit, click.exceptions.Exit, click.ClickException, click.Abort):
+        raise
+    except Exception as e:  # noqa: BLE001 - the boundary: a bug gets one line and a saved traceback
+        fd, path = tempfile.mkstemp(prefix="arkv-bench-error-", suffix=".txt")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(traceback.format_exc())
+        if debug:
+            console.print(traceback.format_exc(), highlight=False, markup=False)
+        text = (str(e).strip().splitlines() or [""])[0]
+        console.print(f"[bold red]unexpected error:[/] {type(e).__name__}: {text} (traceback: {path}; --debug "
+                      f"prints it)", highlight=False, soft_wrap=True, markup=True)
+        raise typer.Exit(1) from None
+
+
+class _GuardedGroup(TyperGroup):
+    """Every subcommand runs inside the error boundary."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        return error_boundary(lambda: super(_GuardedGroup, self).invoke(ctx), STATE["debug"])
+
+
+app = typer.Typer(cls=_GuardedGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Benchmark KV-cache compression (ARKV and baselines) on real models.")
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="print the traceback of an unexpected error")) -> None:
+    STATE["debug"] = debug or os.environ.get("ARKV_BENCH_DEBUG", "") not in ("", "0")
 
 
 def wide(console: Console) -> Console:
@@ -82,35 +157,37 @@ def run(
     given: dict[str, Any] = None, method_option: list[str] = (),
 ) -> None:
     """Run a suite with one or more methods and cache sizes; resumable."""
-    from arkv_bench.options import UsageError, build_options
+    from arkv_bench.options import build_options
 
-    try:
-        cfg = read_config(config)
-        opts = build_options(given, cfg, method_option)
-        _run(opts, Path(out_dir or cfg.get("out") or "results"), run_name or cfg.get("run_name"), quiet)
-    except UsageError as e:
-        fail(str(e))
+    cfg = read_config(config)
+    opts = build_options(given, cfg, method_option)
+    _run(opts, Path(out_dir or cfg.get("out") or "results"), run_name or cfg.get("run_name"), quiet)
 
 
 def _run(opts: Any, out_root: Path, run_name: Optional[str], quiet: bool) -> None:
-    from arkv_bench.models import ModelError
     from arkv_bench.runner import execute, prepare, progress_counts
-    from arkv_bench.suites import DataError
 
     started = time.perf_counter()
     if quiet:  # no "Loading weights" bar either
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
+    prepared = prepare(opts, out_root, run_name)
+    if prepared.log.note:
+        console.print(f"[yellow]note:[/] {prepared.log.note}", highlight=False, soft_wrap=True)
+    STATE["folder"] = prepared.folder
+    failed = True
     try:
-        prepared = prepare(opts, out_root, run_name)
-    except (ModelError, DataError) as e:
-        fail(str(e))
-    total, done = progress_counts(prepared.ctx, prepared.suite, prepared.tasks, prepared.log)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, disable=quiet) as bar:
-        task_id = bar.add_task("starting", total=total, completed=done)
-        rows = execute(prepared, lambda label, n: bar.update(task_id, advance=n, description=label))
+        total, done = progress_counts(prepared.ctx, prepared.suite, prepared.tasks, prepared.log)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=console, disable=quiet) as bar:
+            task_id = bar.add_task("starting", total=total, completed=done)
+            rows = execute(prepared, lambda label, n: bar.update(task_id, advance=n, description=label))
+        failed = False
+    finally:
+        prepared.close(failed)
+        if failed and not prepared.log.records:
+            STATE["folder"] = None
     if not quiet:
         wide(out).print(summary_table(rows))
         out.print(f"results: {prepared.folder}  ({time.perf_counter() - started:.0f} s)")
@@ -130,7 +207,9 @@ def summary_table(rows: list[dict[str, Any]]) -> Table:
                 "compressed", "evicted", "quantized", "status"):
         table.add_column(col, justify="left" if col in ("task", "method") else "right")
     for r in rows:
-        table.add_row(r["task"], r["quant_type"], _fmt(r["cache_size"]), str(r["n"]), _fmt(r["score"]),
+        size = r["cache_size"]
+        table.add_row(r["task"], r["quant_type"], "—" if size in (None, "") else f"{size:g}", str(r["n"]),
+                      _fmt(r["score"]),
                       _fmt(r["score_ci95"]), _fmt(r["kv_ratio"], 3), _fmt(r["decode_tok_s"]), _fmt(r["ttft_ms"]),
                       _fmt(r["compressed_frac"], 2), _fmt(r["evicted_frac"], 2), _fmt(r["quantized_frac"], 2),
                       r["status"])
@@ -143,13 +222,10 @@ DEMO = {"suite": "passkey", "quant_type": "full,mix,h2o,window,quant", "cache_si
 @app.command()
 def demo(out_dir: Path = typer.Option(Path("results"), "--out", help="results folder")) -> None:
     """The offline demo: passkey on the embedded model with full, mix, h2o, window and quant at cache 256."""
-    from arkv_bench.options import UsageError, build_options
+    from arkv_bench.options import build_options
 
     console.print("demo: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO.items()), highlight=False)
-    try:
-        _run(build_options(dict(DEMO)), out_dir, "demo", quiet=False)
-    except UsageError as e:
-        fail(str(e))
+    _run(build_options(dict(DEMO)), out_dir, "demo", quiet=False)
     console.print(f"next: arkv-bench compare {out_dir}   and   arkv-bench report {out_dir} --html", highlight=False,
                   soft_wrap=True)
 
@@ -201,7 +277,10 @@ def compare(
     if not result.rows:
         fail("no rows match the filters")
     target = out_file or (paths[0] / "comparison.csv" if paths[0].is_dir() else Path("comparison.csv"))
-    result.to_csv(target)
+    try:
+        result.to_csv(target)
+    except ValueError as e:
+        fail(str(e))
     if fmt == "table":
         wide(out).print(render_table(result))
     else:
@@ -253,26 +332,23 @@ def tune(
 ) -> None:
     """Search ARKV's tau1, tau2, tau3, gamma with Optuna (TPE, seeded); resumable; writes a run --config file.
     The run options (--quant-type: the one method to tune, mix by default; one --cache-size) are run's."""
-    from arkv_bench.options import UsageError, build_options
+    from arkv_bench.options import build_options
     from arkv_bench.tune import TuneOptions, check, parse_range, run_tune
 
-    try:
-        opts = build_options(given, read_config(config), method_option, defaults={"quant_type": "mix"})
-        ranges = dict(parse_range(r) for r in search_range)
-        options = TuneOptions(run=opts, trials=trials, metric=metric, storage=storage, study_name=study_name,
-                              ranges=ranges, out=out_dir, config_out=config_out, paper_start=paper_start)
-        check(options)
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=console, disable=quiet) as bar:
-            task_id = bar.add_task("tune", total=trials)
+    opts = build_options(given, read_config(config), method_option, defaults={"quant_type": "mix"})
+    ranges = dict(parse_range(r) for r in search_range)
+    options = TuneOptions(run=opts, trials=trials, metric=metric, storage=storage, study_name=study_name,
+                          ranges=ranges, out=out_dir, config_out=config_out, paper_start=paper_start)
+    check(options)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, disable=quiet) as bar:
+        task_id = bar.add_task("tune", total=trials)
 
-            def show(done: int, total: int, best: Optional[float]) -> None:
-                best_text = "—" if best is None else f"{best:.4g}"
-                bar.update(task_id, completed=done, total=total, description=f"trials (best {metric} {best_text})")
+        def show(done: int, total: int, best: Optional[float]) -> None:
+            best_text = "—" if best is None else f"{best:.4g}"
+            bar.update(task_id, completed=done, total=total, description=f"trials (best {metric} {best_text})")
 
-            result = run_tune(options, progress=show)
-    except UsageError as e:
-        fail(str(e))
+        result = run_tune(options, progress=show)
     if not quiet:
         out.print(f"best {metric} {result.best_value:.4g} after {result.complete} trials: "
                   + ", ".join(f"{k}={v:.6g}" for k, v in result.best_params.items()))

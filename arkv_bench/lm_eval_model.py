@@ -44,9 +44,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -103,30 +105,14 @@ class ArkvLM(HFLM):
                  **method_options: Any) -> None:
         from arkv_bench.models import ModelError, load_model
 
-        name = quant_type or method or "full"
-        if name not in METHODS:
-            raise ValueError(f"arkv: unknown quant_type {name!r}; valid methods: {', '.join(METHODS)}")
-        cls = METHODS[name]
-        unknown = sorted(k for k in method_options if k not in cls.defaults)
-        if unknown:
-            options = [k for k in cls.defaults if k not in ("cache_size", "window_size")]
-            raise ValueError(f"arkv: unknown model argument(s) {', '.join(unknown)}; method {name!r} takes "
-                             f"{', '.join(options) or 'no options'} besides cache_size and window_size, and the "
-                             f"model takes {', '.join(a for a in _OWN_ARGS if a != 'method')}")
-        self.quant_type = name
-        self.window_size = int(window_size if window_size is not None else cls.defaults["window_size"])
-        size = cache_size if cache_size is not None else cls.defaults.get("cache_size")
-        self.cache_size = _check_size(size, self.window_size) if cls.budgeted else None
+        self.quant_type, self.window_size, self.cache_size = method_settings(quant_type or method, cache_size,
+                                                                             window_size, method_options)
         self.method_options = dict(method_options)
         self.score_chunk_size = int(score_chunk_size) if score_chunk_size else None
         self.progress_bars = bool(progress_bars)
         self.request_log: list[dict[str, Any]] = []
         self._active: list[Any] | None = None
         self._warned_sampling = False
-        # Reject bad options now, not at the first request.
-        probe = self.cache_size if not isinstance(self.cache_size, float) else None
-        check_cache(name, probe if probe is not None else smallest_budget(name, self.window_size, self.method_options),
-                    self.window_size, self.method_options)
 
         if isinstance(pretrained, str) or pretrained is None:
             device = _device(device)
@@ -363,6 +349,43 @@ class ArkvLM(HFLM):
         return should_stop
 
 
+def method_settings(quant_type: str | None, cache_size: Any, window_size: Any, method_options: dict[str, Any]
+                    ) -> tuple[str, int, int | float | None]:
+    """(method, window, cache size) from model arguments, checked as make_cache checks them, before any model
+    loads; ValueError naming the argument otherwise."""
+    name = quant_type or "full"
+    if name not in METHODS:
+        raise ValueError(f"arkv: unknown quant_type {name!r}; valid methods: {', '.join(METHODS)}")
+    cls = METHODS[name]
+    unknown = sorted(k for k in method_options if k not in cls.defaults)
+    if unknown:
+        options = [k for k in cls.defaults if k not in ("cache_size", "window_size")]
+        raise ValueError(f"arkv: unknown model argument(s) {', '.join(unknown)}; method {name!r} takes "
+                         f"{', '.join(options) or 'no options'} besides cache_size and window_size, and the "
+                         f"model takes {', '.join(a for a in _OWN_ARGS if a != 'method')}")
+    window = window_size if window_size is not None else cls.defaults["window_size"]
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"arkv: window_size must be a positive whole number, got {window!r}")
+    size = cache_size if cache_size is not None else cls.defaults.get("cache_size")
+    size = _check_size(size, window) if cls.budgeted else None
+    probe = size if not isinstance(size, float) else smallest_budget(name, window, method_options)
+    check_cache(name, probe, window, method_options)  # bad options fail now, not at the first request
+    return name, window, size
+
+
+def check_model_args(args: dict[str, Any]) -> None:
+    """`--model_args` of `--model arkv`, checked before lm-eval loads anything (ValueError naming the problem)."""
+    from arkv_bench.models import _looks_like_path
+
+    pretrained = args.get("pretrained")
+    if isinstance(pretrained, str) and _looks_like_path(pretrained) and not Path(pretrained).expanduser().exists():
+        raise ValueError(f"arkv: pretrained={pretrained} does not exist; pass a model folder, a .gguf file, a Hub "
+                         f"id or smollm2-135m")
+    options = {k: v for k, v in args.items() if k not in _OWN_ARGS}
+    method_settings(args.get("quant_type") or args.get("method"), args.get("cache_size"), args.get("window_size"),
+                    options)
+
+
 def _device(device: str | None) -> str:
     """lm-eval's CLI hands every model `--device` (default cuda:0); like its `hf` model, fall back to
     the best device there is when that one does not exist."""
@@ -379,7 +402,7 @@ def _device(device: str | None) -> str:
 
 
 def _check_size(size: Any, window: int) -> int | float:
-    if isinstance(size, bool) or not isinstance(size, (int, float)):
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or not math.isfinite(size) or size > 2 ** 31:
         raise ValueError(f"arkv: cache_size must be a token count or a fraction in (0, 1], got {size!r}")
     if isinstance(size, float) and size.is_integer() and size > 1:
         size = int(size)

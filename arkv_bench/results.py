@@ -14,7 +14,7 @@ from typing import Any
 
 from arkv_bench.measures import decode_tok_s, percentile
 from arkv_bench.metrics import mean_ci95
-from arkv_bench.results_io import atomic_write, csv_text, read_jsonl
+from arkv_bench.results_io import atomic_write, csv_text, read_samples, record_key
 
 SUMMARY_COLUMNS = ["model", "suite", "task", "quant_type", "cache_size", "window_size", "n", "score", "score_ci95",
                    "prefill_tok_s", "decode_tok_s", "ttft_ms", "itl_ms_p50", "itl_ms_p99", "kv_bytes", "kv_bytes_full",
@@ -64,25 +64,20 @@ class SampleRecord:
         return asdict(self)
 
 
-def record_key(record: dict[str, Any]) -> tuple[str, str, str, str]:
-    """What identifies a record: (task, sample id, method, cache size)."""
-    size = record.get("cache_size")
-    return (str(record.get("task")), str(record.get("sample_id")), str(record.get("quant_type")),
-            "" if size is None else str(size))
-
-
 class SampleLog:
     """samples.jsonl: one line per finished sample, flushed to disk at once.
 
-    Opening it drops a torn last line (a run killed mid-write), so a resumed run neither
-    loses nor duplicates a sample.
+    Opening it (under the run folder's lock) keeps one record per (configuration, sample) and
+    drops a torn last line (a run killed mid-write) or any unreadable line, so a resumed run
+    neither loses nor duplicates a sample; `note` says what was dropped.
     """
 
     def __init__(self, path: Path):
         self.path = path
-        contents = read_jsonl(path)
+        contents = read_samples(path)
         self.records = contents.records
-        if contents.needs_repair:  # rewrite without the torn line, atomically: a kill now must not lose good lines
+        self.note = contents.dropped(path)
+        if contents.needs_repair:  # rewrite without those lines, atomically: a kill now must not lose good lines
             atomic_write(path, "".join(line + "\n" for line in contents.lines))
         self.done = {record_key(r) for r in self.records}
 
@@ -190,7 +185,7 @@ def layer_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def write_summaries(folder: Path, info: dict[str, Any]) -> list[dict[str, Any]]:
     """Rebuild summary.csv and layer_stats.csv from samples.jsonl; return the summary rows."""
     config = json.loads((folder / "config.json").read_text())
-    records = read_jsonl(folder / "samples.jsonl").records  # read only: rewriting here could lose lines on a kill
+    records = read_samples(folder / "samples.jsonl").records  # read only: rewriting here could lose lines on a kill
     rows = summarise(records, info, config["options"]["window_size"])
     atomic_write(folder / "summary.csv", csv_text(SUMMARY_COLUMNS, rows))
     atomic_write(folder / "layer_stats.csv", csv_text(LAYER_COLUMNS, layer_rows(records)))

@@ -10,26 +10,32 @@ of the same command carries on where it stopped. Every suite runs through the sa
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 
 from arkv_bench import budgets
 from arkv_bench.cache import METHODS, make_cache, prepare_model
 from arkv_bench.generation import Generation, greedy_generate
 from arkv_bench.measures import eos_ids, weights_bytes
 from arkv_bench.options import RunOptions, UsageError
-from arkv_bench.results import SampleLog, provenance, record_key, write_summaries
-from arkv_bench.results_io import atomic_write
+from arkv_bench.results import SampleLog, provenance, write_summaries
+from arkv_bench.results_io import atomic_write, record_key
 from arkv_bench.suites import Context, Suite, Task, get_suite
 
 __all__ = ["Context", "RunOptions", "UsageError", "execute", "load_context", "open_run", "validate", "warm_up"]
 
 WARMUP_TOKENS = 64  # prompt tokens beyond the budget, so the warm-up compresses as the real samples do
 WARMUP_NEW_TOKENS = 4
+LOCK_FILE = ".arkv-bench.lock"  # held by the one process writing a run folder
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 # --- validation ---------------------------------------------------------------------------------
@@ -104,25 +110,63 @@ def warm_up(ctx: Context, method: str, size: int | float | None) -> Generation:
 
 # --- the run folder ------------------------------------------------------------------------------
 
+def _writable_folder(path: Path, what: str) -> None:
+    """`path` is (or can be made) a folder this process may write into; UsageError otherwise."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{what} {path}: {existing} is a file, not a folder; choose another {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path}: {existing} is not writable; choose another {what} or fix its permissions")
+
+
+def _lock(folder: Path) -> FileLock:
+    """The run folder's lock, taken at once or UsageError: one process writes a run folder at a time."""
+    lock = FileLock(str(folder / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UsageError(f"another arkv-bench process is writing {folder} now; wait for it to end (the same command "
+                         f"then resumes) or choose another --run-name") from None
+    return lock
+
+
 def check_run_folder(opts: RunOptions, out: Path, run_name: str | None) -> Path:
-    """The run folder; raises UsageError (writing nothing) if it holds another run's results."""
-    folder = out / (run_name or opts.default_run_name())
+    """The run folder; raises UsageError (writing nothing) if it is outside --out, not writable, in use, or
+    holds another run's results."""
+    name = run_name if run_name is not None else opts.default_run_name()
+    if not _RUN_NAME.fullmatch(name) or name in (".", ".."):
+        raise UsageError(f"--run-name {name!r} must be one folder name (letters, digits, '.', '_', '-', not "
+                         f"starting with '.' or '-'); the run folder is always made inside --out")
+    _writable_folder(out, "--out")
+    folder = out / name
     config_path = folder / "config.json"
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder} is a file, not a results folder: choose another --out or --run-name")
     if config_path.exists():
         try:
             previous = json.loads(config_path.read_text())
-        except (OSError, ValueError):
-            previous = {}
+        except (OSError, ValueError, UnicodeDecodeError):
+            raise UsageError(f"{config_path} is not readable JSON (corrupted?): remove {folder} to start over, "
+                             f"or choose another --run-name") from None
         if not isinstance(previous, dict) or previous.get("options") != json.loads(json.dumps(opts.key(), default=str)):
             raise UsageError(f"{folder} holds a different run's results: choose another --run-name or remove it")
-    elif folder.exists() and not folder.is_dir():
-        raise UsageError(f"{folder} is a file, not a results folder: choose another --out or --run-name")
+    if folder.is_dir():
+        _writable_folder(folder, "--run-name")
+        log = folder / "samples.jsonl"
+        if log.exists() and not os.access(log, os.W_OK):
+            raise UsageError(f"{log} is not writable, so this run cannot resume: fix its permissions or choose "
+                             f"another --run-name")
+        if (folder / LOCK_FILE).exists():
+            _lock(folder).release()
     return folder
 
 
 def open_run(opts: RunOptions, out: Path, run_name: str | None, info: dict[str, Any], chats: dict[str, bool]
-             ) -> tuple[Path, SampleLog]:
-    """Create or reopen the run folder; a folder of another run under the same name is an error."""
+             ) -> tuple[Path, SampleLog, FileLock]:
+    """Create or reopen the run folder under its lock (held until released); a folder of another run under the
+    same name, or one another process writes, is an error."""
     folder = check_run_folder(opts, out, run_name)
     # the documented keys (docs/results-format.md) on top; "options" is what a resume must match
     config = {"run_name": folder.name, "suite": opts.suite, "tasks": list(chats), "quant_types": opts.quant_types,
@@ -133,8 +177,14 @@ def open_run(opts: RunOptions, out: Path, run_name: str | None, info: dict[str, 
               "chat_template": all(chats.values()) if len(set(chats.values())) <= 1 else chats,
               "options": opts.key(), "provenance": provenance(info)}
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / "config.json", json.dumps(config, indent=2, default=str))
-    return folder, SampleLog(folder / "samples.jsonl")
+    lock = _lock(folder)
+    try:
+        check_run_folder(opts, out, run_name)  # again under the lock: another process may have written it meanwhile
+        atomic_write(folder / "config.json", json.dumps(config, indent=2, default=str))
+        return folder, SampleLog(folder / "samples.jsonl"), lock
+    except BaseException:
+        lock.release()
+        raise
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -164,16 +214,30 @@ class Run:
     tasks: list[Task]
     folder: Path
     log: SampleLog
+    lock: FileLock | None = None
+    created: Path | None = None  # the outermost folder this process made for the run
+
+    def close(self, failed: bool) -> None:
+        """Release the folder; a run that failed before writing its first record leaves nothing behind."""
+        if self.lock is not None:
+            self.lock.release()
+        if failed and self.created is not None and not self.log.records:
+            shutil.rmtree(self.created, ignore_errors=True)
 
 
 def prepare(opts: RunOptions, out: Path, run_name: str | None) -> Run:
     """Check everything, load the model, build the prompts, then (only then) open the run folder."""
     suite = validate(opts)
-    check_run_folder(opts, out, run_name)  # before the model loads: a clash fails in a second
+    folder = check_run_folder(opts, out, run_name)  # before the model loads: a clash fails in a second
     ctx = load_context(opts)
     tasks = suite.plan(ctx)
-    folder, log = open_run(opts, out, run_name, ctx.info, {t.name: t.chat for t in tasks})
-    return Run(ctx=ctx, suite=suite, tasks=tasks, folder=folder, log=log)
+    created = None
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        created = path
+    folder, log, lock = open_run(opts, out, run_name, ctx.info, {t.name: t.chat for t in tasks})
+    return Run(ctx=ctx, suite=suite, tasks=tasks, folder=folder, log=log, lock=lock, created=created)
 
 
 def execute(run: Run, progress: Callable[[str, int], None] | None = None) -> list[dict[str, Any]]:

@@ -187,7 +187,7 @@ def test_suite_writes_the_usual_results(loaded, task_dir, tmp_path, monkeypatch)
                         or real_warm_up(ctx, method, size))
 
     ctx = _ctx(loaded, task_dir)
-    folder, log = open_run(ctx.opts, tmp_path, "lm", ctx.info, {MC: True, GEN: True})
+    folder, log, _ = open_run(ctx.opts, tmp_path, "lm", ctx.info, {MC: True, GEN: True})
     run = Run(ctx=ctx, suite=SUITE, tasks=SUITE.plan(ctx), folder=folder, log=log)
     steps = []
     execute(run, lambda label, n: steps.append(label))

@@ -33,7 +33,7 @@ from arkv_bench.report.figures import (
 )
 from arkv_bench.report.static import CSS, JS
 from arkv_bench.report.svg import esc
-from arkv_bench.results_io import Run, find_runs
+from arkv_bench.results_io import Run, atomic_write, check_writable_file, find_runs
 
 SECTIONS = (
     ("comparison", "Comparison"),
@@ -60,14 +60,13 @@ def write_report(
 
     `out` may be a file name or an existing folder (then `report.html` inside it).
     """
-    runs = find_runs(paths)
-    comparison = compare(runs, baseline=baseline)
     target = Path(out)
     if target.is_dir():
         target = target / "report.html"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(render_report(runs, comparison, samples_per_task, title), encoding="utf-8")
-    return target
+    check_writable_file(target, "--out")
+    runs = find_runs(paths)
+    comparison = compare(runs, baseline=baseline)
+    return atomic_write(target, render_report(runs, comparison, samples_per_task, title))
 
 
 def render_report(runs: list[Run], comparison: Comparison, samples_per_task: int, title: str) -> str:

@@ -37,7 +37,7 @@ from arkv_bench.tasks import TaskSpec, load_task_specs
 CHAT_TAIL_TOKENS = 8
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """A dataset that cannot be read: the message says which and how to provide it."""
 
 
@@ -56,6 +56,7 @@ class Sample:
     choices: list[str] | None = None
     tail: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    ids: list[int] | None = None  # the prompt's token ids (template included), set once by the suite's plan
 
 
 @dataclass
@@ -138,6 +139,9 @@ class PromptSuite(Suite):
 
     extra_files: ClassVar[tuple[str, ...]] = ()  # more tasks/*.yaml files whose tasks belong to this suite
 
+    def load(self, spec: TaskSpec, opts: RunOptions) -> None:
+        """Read and check the task's data before the model loads (suites that read data override this)."""
+
     @abstractmethod
     def build(self, spec: TaskSpec, ctx: Context, chat: bool) -> list[Sample]:
         """The prompts of one task (ctx.opts holds the suite's options, e.g. limit, num_fewshot)."""
@@ -179,7 +183,8 @@ class PromptSuite(Suite):
         return chosen
 
     def check(self, opts: RunOptions) -> None:
-        self.selected(opts.tasks)
+        for spec in self.selected(opts.tasks):
+            self.load(spec, opts)
 
     def plan(self, ctx: Context) -> list[Task]:
         tasks = []
@@ -191,7 +196,10 @@ class PromptSuite(Suite):
                 where = f"--data-dir {ctx.opts.data_dir}" if ctx.opts.data_dir else spec.hub_id
                 raise DataError(f"{self.name}/{spec.name}: the rows from {where} are not in the Hub schema "
                                 f"({type(e).__name__}: {e}); fix the file to have the dataset's fields") from e
+            for sample in samples:
+                sample.ids = encode(ctx.tokenizer, sample.prompt + sample.tail, chat)
             tasks.append(Task(name=spec.name, chat=chat, samples=samples, spec=spec))
+        check_lengths(ctx, tasks)
         return tasks
 
     def batches(self, ctx: Context, task: Task, method: str, size: int | float | None,
@@ -205,7 +213,7 @@ class PromptSuite(Suite):
     def run(self, ctx: Context, task: Task, batch: Batch, method: str, size: int | float | None
             ) -> list[SampleRecord]:
         tok, opts, samples = ctx.tokenizer, ctx.opts, batch.samples
-        encoded = [encode(tok, s.prompt + s.tail, task.chat) for s in samples]
+        encoded = [s.ids or encode(tok, s.prompt + s.tail, task.chat) for s in samples]
         budget = budget_for(size, len(encoded[0]), method, opts.window_size, opts.method_options)
         cache = make_cache(method, ctx.model.config,
                            **cache_options(method, budget, opts.window_size, opts.method_options))
@@ -238,6 +246,29 @@ class PromptSuite(Suite):
                 peak_mem_bytes=peak, weights_bytes=ctx.info.get("weights_bytes"), layers=per_layer,
                 extra={k: v for k, v in sample.extra.items() if k != "all_classes"}))
         return records
+
+
+def check_lengths(ctx: Context, tasks: list[Task]) -> None:
+    """Every prompt fits the model's positions, and every fraction of the shortest prompt is a budget the method
+    accepts (it is not silently raised); UsageError otherwise."""
+    from arkv_bench.budgets import configurations, smallest_budget
+
+    opts, limit = ctx.opts, ctx.info.get("max_positions")
+    lengths = [(len(s.ids or []), s.max_new_tokens, t.name) for t in tasks for s in t.samples]
+    if not lengths:
+        return
+    for n, new, name in lengths:
+        if limit and n + new > limit:
+            raise UsageError(f"{name}: a prompt of {n} tokens plus {new} new tokens is beyond {ctx.info['model']}'s "
+                             f"{limit} positions: ask for shorter prompts (at most {limit - new} tokens)")
+    shortest = min(n for n, _, _ in lengths)
+    for method, size in configurations(opts.quant_types, opts.cache_sizes):
+        if isinstance(size, float):
+            floor = smallest_budget(method, opts.window_size, opts.method_options)
+            if round(size * shortest) < floor:
+                raise UsageError(f"cache size {size} of the shortest prompt ({shortest} tokens) is "
+                                 f"{round(size * shortest)} tokens, below the {floor} that {method} needs with "
+                                 f"window {opts.window_size}: use a larger fraction or a token count")
 
 
 def wants_chat(opts: RunOptions, spec: TaskSpec, tokenizer: Any) -> bool:
