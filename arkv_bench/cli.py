@@ -73,7 +73,7 @@ def error_boundary(work: Callable[[], Any], debug: bool = False) -> Any:
         fd, path = tempfile.mkstemp(prefix="arkv-bench-error-", suffix=".txt")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(traceback.format_exc())
-        if debug:
+        if debug or STATE["debug"]:  # --debug is parsed inside the boundary: read it now
             console.print(traceback.format_exc(), highlight=False, markup=False)
         text = (str(e).strip().splitlines() or [""])[0]
         console.print(f"[bold red]unexpected error:[/] {type(e).__name__}: {text} (traceback: {path}; --debug "
@@ -85,7 +85,7 @@ class _GuardedGroup(TyperGroup):
     """Every subcommand runs inside the error boundary."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        return error_boundary(lambda: super(_GuardedGroup, self).invoke(ctx), STATE["debug"])
+        return error_boundary(lambda: super(_GuardedGroup, self).invoke(ctx))
 
 
 app = typer.Typer(cls=_GuardedGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from arkv_bench.options import UsageError
+
 SUMMARY_FILE = "summary.csv"
 CONFIG_FILE = "config.json"
 SAMPLES_FILE = "samples.jsonl"
@@ -37,18 +39,23 @@ NUMERIC_COLUMNS = frozenset(
 )
 
 
+def check_writable_folder(path: Path, what: str) -> None:
+    """`path` is (or can be made) a folder this process may write into; UsageError (a ValueError) otherwise."""
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{what} {path}: {existing} is a file, not a folder; choose another {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path}: {existing} is not writable; choose another {what} or fix its permissions")
+
+
 def check_writable_file(path: Path, what: str) -> Path:
-    """`path` can be written as a file (its folder is or can be made a folder we may write); ValueError otherwise."""
+    """`path` can be written as a file (its folder is or can be made a folder we may write); UsageError otherwise."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{what} {path} is a folder: name a file")
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise ValueError(f"{what} {path}: {folder} is a file, not a folder; choose another {what}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {path}: {folder} is not writable; choose another {what}")
+        raise UsageError(f"{what} {path} is a folder: name a file")
+    check_writable_folder(path.parent, what)
     return path
 
 

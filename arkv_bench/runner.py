@@ -27,7 +27,7 @@ from arkv_bench.generation import Generation, greedy_generate
 from arkv_bench.measures import eos_ids, weights_bytes
 from arkv_bench.options import RunOptions, UsageError
 from arkv_bench.results import SampleLog, provenance, write_summaries
-from arkv_bench.results_io import atomic_write, record_key
+from arkv_bench.results_io import atomic_write, check_writable_folder, record_key
 from arkv_bench.suites import Context, Suite, Task, get_suite
 
 __all__ = ["Context", "RunOptions", "UsageError", "execute", "load_context", "open_run", "validate", "warm_up"]
@@ -110,17 +110,6 @@ def warm_up(ctx: Context, method: str, size: int | float | None) -> Generation:
 
 # --- the run folder ------------------------------------------------------------------------------
 
-def _writable_folder(path: Path, what: str) -> None:
-    """`path` is (or can be made) a folder this process may write into; UsageError otherwise."""
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"{what} {path}: {existing} is a file, not a folder; choose another {what}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{what} {path}: {existing} is not writable; choose another {what} or fix its permissions")
-
-
 def _lock(folder: Path) -> FileLock:
     """The run folder's lock, taken at once or UsageError: one process writes a run folder at a time."""
     lock = FileLock(str(folder / LOCK_FILE))
@@ -132,14 +121,14 @@ def _lock(folder: Path) -> FileLock:
     return lock
 
 
-def check_run_folder(opts: RunOptions, out: Path, run_name: str | None) -> Path:
+def check_run_folder(opts: RunOptions, out: Path, run_name: str | None, probe_lock: bool = True) -> Path:
     """The run folder; raises UsageError (writing nothing) if it is outside --out, not writable, in use, or
     holds another run's results."""
     name = run_name if run_name is not None else opts.default_run_name()
     if not _RUN_NAME.fullmatch(name) or name in (".", ".."):
         raise UsageError(f"--run-name {name!r} must be one folder name (letters, digits, '.', '_', '-', not "
                          f"starting with '.' or '-'); the run folder is always made inside --out")
-    _writable_folder(out, "--out")
+    check_writable_folder(out, "--out")
     folder = out / name
     config_path = folder / "config.json"
     if folder.exists() and not folder.is_dir():
@@ -153,12 +142,12 @@ def check_run_folder(opts: RunOptions, out: Path, run_name: str | None) -> Path:
         if not isinstance(previous, dict) or previous.get("options") != json.loads(json.dumps(opts.key(), default=str)):
             raise UsageError(f"{folder} holds a different run's results: choose another --run-name or remove it")
     if folder.is_dir():
-        _writable_folder(folder, "--run-name")
+        check_writable_folder(folder, "--run-name")
         log = folder / "samples.jsonl"
         if log.exists() and not os.access(log, os.W_OK):
             raise UsageError(f"{log} is not writable, so this run cannot resume: fix its permissions or choose "
                              f"another --run-name")
-        if (folder / LOCK_FILE).exists():
+        if probe_lock and (folder / LOCK_FILE).exists():
             _lock(folder).release()
     return folder
 
@@ -179,7 +168,8 @@ def open_run(opts: RunOptions, out: Path, run_name: str | None, info: dict[str, 
     folder.mkdir(parents=True, exist_ok=True)
     lock = _lock(folder)
     try:
-        check_run_folder(opts, out, run_name)  # again under the lock: another process may have written it meanwhile
+        check_run_folder(opts, out, run_name, probe_lock=False)  # again under the lock: another process may have
+        # written it meanwhile
         atomic_write(folder / "config.json", json.dumps(config, indent=2, default=str))
         return folder, SampleLog(folder / "samples.jsonl"), lock
     except BaseException:

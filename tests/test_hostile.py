@@ -358,3 +358,26 @@ def test_sigint_says_what_was_kept(tmp_path: Path) -> None:
     assert proc.returncode == 130, (out, err)
     line = one_line(out + err)
     assert "interrupted" in line and str(tmp_path / "i") in line and "resumes" in line
+
+
+# --- the error boundary -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_an_unexpected_error_is_one_line_and_a_saved_traceback(debug: bool, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from arkv_bench import runner
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug\nwith a second line")
+
+    monkeypatch.setattr(runner, "prepare", broken)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    result = CliRunner().invoke(app, [*(["--debug"] if debug else []), *_out(tmp_path, *PASSKEY)])
+    assert result.exit_code == 1, result.output
+    saved = next(tmp_path.glob("arkv-bench-error-*.txt"))
+    assert "RuntimeError: a bug" in saved.read_text() and "Traceback" in saved.read_text()
+    if debug:
+        assert "Traceback" in result.output and str(saved) in result.output.splitlines()[-1]
+    else:
+        line = one_line(result.output)
+        assert line.startswith("unexpected error: RuntimeError: a bug (traceback: ") and str(saved) in line

@@ -271,6 +271,21 @@ def check_lengths(ctx: Context, tasks: list[Task]) -> None:
                                  f"window {opts.window_size}: use a larger fraction or a token count")
 
 
+class RowSuite(PromptSuite):
+    """Prompts that come from the task's rows alone (no tokenizer needed), so they are read and checked before
+    the model loads."""
+
+    @abstractmethod
+    def samples(self, spec: TaskSpec, opts: RunOptions) -> list[Sample]:
+        """The task's prompts (its rows read once per process)."""
+
+    def load(self, spec: TaskSpec, opts: RunOptions) -> None:
+        self.samples(spec, opts)
+
+    def build(self, spec: TaskSpec, ctx: Context, chat: bool) -> list[Sample]:
+        return self.samples(spec, ctx.opts)
+
+
 def wants_chat(opts: RunOptions, spec: TaskSpec, tokenizer: Any) -> bool:
     has = bool(getattr(tokenizer, "chat_template", None))
     if opts.chat_template == "on" and not has:

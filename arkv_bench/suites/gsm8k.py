@@ -5,21 +5,18 @@ from __future__ import annotations
 import random
 
 from arkv_bench.metrics import gsm8k_extract
-from arkv_bench.suites.base import Context, PromptSuite, Sample, limited
+from arkv_bench.suites.base import RowSuite, Sample, limited
 from arkv_bench.options import RunOptions
 from arkv_bench.suites.data import TEXT, load_rows
 from arkv_bench.tasks import TaskSpec
 
 
-class GSM8K(PromptSuite):
+class GSM8K(RowSuite):
     name = "gsm8k"
     description = "grade-school math, few-shot, exact match of the final number"
 
-    def load(self, spec: TaskSpec, opts: RunOptions) -> None:
-        build(spec, opts.num_fewshot, opts.limit, opts.data_dir)
-
-    def build(self, spec: TaskSpec, ctx: Context, chat: bool) -> list[Sample]:
-        return build(spec, ctx.opts.num_fewshot, ctx.opts.limit, ctx.opts.data_dir)
+    def samples(self, spec: TaskSpec, opts: RunOptions) -> list[Sample]:
+        return build(spec, opts.num_fewshot, opts.limit, opts.data_dir)
 
 
 SUITE = GSM8K()

@@ -6,7 +6,7 @@ final "Answer:" is then fed through that cache, so compression affects the lette
 
 from __future__ import annotations
 
-from arkv_bench.suites.base import Context, PromptSuite, Sample, limited
+from arkv_bench.suites.base import RowSuite, Sample, limited
 from arkv_bench.options import RunOptions
 from arkv_bench.suites.data import TEXT, TEXTS, WHOLE, load_rows
 from arkv_bench.tasks import TaskSpec
@@ -19,15 +19,12 @@ def _question(spec: TaskSpec, row: dict) -> str:
     return spec.prompt_template.format(question=row["question"], choice_a=a, choice_b=b, choice_c=c, choice_d=d)
 
 
-class MMLU(PromptSuite):
+class MMLU(RowSuite):
     name = "mmlu"
     description = "multiple choice, 5-shot, the answer letter picked by log-likelihood through the cache"
 
-    def load(self, spec: TaskSpec, opts: RunOptions) -> None:
-        build(spec, opts.num_fewshot, opts.limit, opts.data_dir)
-
-    def build(self, spec: TaskSpec, ctx: Context, chat: bool) -> list[Sample]:
-        return build(spec, ctx.opts.num_fewshot, ctx.opts.limit, ctx.opts.data_dir)
+    def samples(self, spec: TaskSpec, opts: RunOptions) -> list[Sample]:
+        return build(spec, opts.num_fewshot, opts.limit, opts.data_dir)
 
 
 SUITE = MMLU()
