@@ -94,7 +94,7 @@ app = typer.Typer(cls=_GuardedGroup, add_completion=False, no_args_is_help=True,
 
 @app.callback()
 def _options(debug: bool = typer.Option(False, "--debug", help="print the traceback of an unexpected error")) -> None:
-    STATE["debug"] = debug or os.environ.get("ARKV_BENCH_DEBUG", "") not in ("", "0")
+    STATE.update(debug=debug or os.environ.get("ARKV_BENCH_DEBUG", "") not in ("", "0"), folder=None)
 
 
 def wide(console: Console) -> Console:
@@ -173,8 +173,8 @@ def _run(opts: Any, out_root: Path, run_name: Optional[str], quiet: bool) -> Non
 
         transformers.utils.logging.disable_progress_bar()
     prepared = prepare(opts, out_root, run_name)
-    if prepared.log.note:
-        console.print(f"[yellow]note:[/] {prepared.log.note}", highlight=False, soft_wrap=True)
+    for note in prepared.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     STATE["folder"] = prepared.folder
     failed = True
     try:

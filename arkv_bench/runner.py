@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,6 @@ def configurations(opts: RunOptions) -> Iterator[tuple[str, int | float | None]]
 def validate(opts: RunOptions) -> Suite:
     """Every check that needs no model; the run's suite, or UsageError."""
     suite = get_suite(opts.suite)
-    suite.check(opts)
     for name in opts.quant_types:
         if name not in METHODS:
             raise UsageError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
@@ -62,6 +61,7 @@ def validate(opts: RunOptions) -> Suite:
     if unknown:
         raise UsageError(f"no selected method has option {', '.join(unknown)}; see `arkv-bench list` for each method's options")
     check_caches(opts)
+    suite.check(opts)  # last: it may read the data
     return suite
 
 
@@ -78,6 +78,25 @@ def check_caches(opts: RunOptions, model_config: Any = None, prefix: str = "") -
 
 
 # --- the model -----------------------------------------------------------------------------------
+
+def budget_notes(opts: RunOptions, tasks: list[Task]) -> list[str]:
+    """A fraction is a share of each prompt, but at least the smallest budget its method accepts: say where that
+    raises it. A fraction that rounds to no token at all on the shortest prompt is an error (UsageError)."""
+    lengths = [len(s.ids) for t in tasks for s in t.samples if s.ids]
+    notes = []
+    for method, size in configurations(opts):
+        if not (isinstance(size, float) and lengths):
+            continue
+        shortest, floor = min(lengths), budgets.smallest_budget(method, opts.window_size, opts.method_options)
+        if round(size * shortest) < 1:
+            raise UsageError(f"cache size {size:g} of the shortest prompt ({shortest} tokens) is no token at all: "
+                             f"use a larger fraction or a token count")
+        raised = sum(round(size * n) < floor for n in lengths)
+        if raised:
+            notes.append(f"cache size {size:g} with {method}: {raised} of {len(lengths)} prompts get the smallest "
+                         f"budget {method} accepts ({floor} tokens) instead of {size:g} of their length")
+    return notes
+
 
 def load_context(opts: RunOptions) -> Context:
     """Load the run's model (ModelError if it cannot be) with the one EOS rule and its weights' bytes."""
@@ -206,6 +225,7 @@ class Run:
     log: SampleLog
     lock: FileLock | None = None
     created: Path | None = None  # the outermost folder this process made for the run
+    notes: list[str] = field(default_factory=list)  # what the user should know before the numbers
 
     def close(self, failed: bool) -> None:
         """Release the folder; a run that failed before writing its first record leaves nothing behind."""
@@ -221,13 +241,15 @@ def prepare(opts: RunOptions, out: Path, run_name: str | None) -> Run:
     folder = check_run_folder(opts, out, run_name)  # before the model loads: a clash fails in a second
     ctx = load_context(opts)
     tasks = suite.plan(ctx)
+    notes = budget_notes(ctx.opts, tasks)
     created = None
     for path in (folder, *folder.parents):
         if path.exists():
             break
         created = path
     folder, log, lock = open_run(opts, out, run_name, ctx.info, {t.name: t.chat for t in tasks})
-    return Run(ctx=ctx, suite=suite, tasks=tasks, folder=folder, log=log, lock=lock, created=created)
+    return Run(ctx=ctx, suite=suite, tasks=tasks, folder=folder, log=log, lock=lock, created=created,
+               notes=[n for n in (log.note, *notes) if n])
 
 
 def execute(run: Run, progress: Callable[[str, int], None] | None = None) -> list[dict[str, Any]]:

@@ -153,10 +153,9 @@ SLOW_CASES: dict[str, tuple[Setup, list[str]]] = {
     "context beyond the model": (lambda t: _out(t, "--suite", "passkey", "--context-lengths", "9000",
                                                 "--depths", "0.5", "--quant-type", "full"),
                                  ["8192 positions", "passkey"]),
-    "fraction below the method's smallest budget": (lambda t: _out(t, "--suite", "passkey", "--context-lengths",
-                                                                   "256", "--depths", "0.5", "--quant-type", "mix",
-                                                                   "--cache-size", "0.01"),
-                                                    ["cache size 0.01", "below", "33"]),
+    "fraction that rounds to no token": (lambda t: _out(t, "--suite", "passkey", "--context-lengths", "256",
+                                                        "--depths", "0.5", "--quant-type", "mix", "--cache-size",
+                                                        "0.001"), ["cache size 0.001", "no token"]),
     "fake gguf": (lambda t: _out(t, *PASSKEY, "--model", str(_file(t / "fake.gguf", "not a gguf"))),
                   ["fake.gguf", "not a gguf model"]),
     "folder with a fake gguf": (lambda t: _out(t, *PASSKEY, "--model", str(_file(t / "m" / "x.gguf", "junk").parent)),
@@ -381,3 +380,25 @@ def test_an_unexpected_error_is_one_line_and_a_saved_traceback(debug: bool, tmp_
     else:
         line = one_line(result.output)
         assert line.startswith("unexpected error: RuntimeError: a bug (traceback: ") and str(saved) in line
+
+
+@pytest.mark.slow
+def test_a_fraction_below_the_smallest_budget_is_said(tmp_path: Path) -> None:
+    """--cache-size 0.01 used to be shown as 0.0 and silently raised to 33 tokens."""
+    from rich.console import Console
+
+    from arkv_bench.cli import summary_table
+
+    result = CliRunner().invoke(app, _out(tmp_path, "--suite", "passkey", "--context-lengths", "256", "--depths",
+                                          "0.5", "--quant-type", "mix", "--cache-size", "0.01"))
+    assert result.exit_code == 0, result.output
+    note = one_line(result.output)
+    assert note.startswith("note: cache size 0.01 with mix: 1 of 1 prompts get the smallest budget mix accepts (33")
+    (folder,) = (tmp_path / "out").iterdir()
+    assert [json.loads(line)["budget"] for line in (folder / "samples.jsonl").read_text().splitlines()] == [33]
+    console = Console(width=200, record=True)
+    console.print(summary_table([{"task": "passkey", "quant_type": "mix", "cache_size": 0.01, "n": 1, "score": None,
+                                  "score_ci95": None, "kv_ratio": None, "decode_tok_s": None, "ttft_ms": None,
+                                  "compressed_frac": None, "evicted_frac": None, "quantized_frac": None,
+                                  "status": "ok"}]))
+    assert " 0.01 " in console.export_text()

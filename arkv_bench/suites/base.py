@@ -249,26 +249,15 @@ class PromptSuite(Suite):
 
 
 def check_lengths(ctx: Context, tasks: list[Task]) -> None:
-    """Every prompt fits the model's positions, and every fraction of the shortest prompt is a budget the method
-    accepts (it is not silently raised); UsageError otherwise."""
-    from arkv_bench.budgets import configurations, smallest_budget
-
-    opts, limit = ctx.opts, ctx.info.get("max_positions")
-    lengths = [(len(s.ids or []), s.max_new_tokens, t.name) for t in tasks for s in t.samples]
-    if not lengths:
-        return
-    for n, new, name in lengths:
-        if limit and n + new > limit:
-            raise UsageError(f"{name}: a prompt of {n} tokens plus {new} new tokens is beyond {ctx.info['model']}'s "
-                             f"{limit} positions: ask for shorter prompts (at most {limit - new} tokens)")
-    shortest = min(n for n, _, _ in lengths)
-    for method, size in configurations(opts.quant_types, opts.cache_sizes):
-        if isinstance(size, float):
-            floor = smallest_budget(method, opts.window_size, opts.method_options)
-            if round(size * shortest) < floor:
-                raise UsageError(f"cache size {size} of the shortest prompt ({shortest} tokens) is "
-                                 f"{round(size * shortest)} tokens, below the {floor} that {method} needs with "
-                                 f"window {opts.window_size}: use a larger fraction or a token count")
+    """Every prompt and its answer fit the model's positions; UsageError otherwise."""
+    limit = ctx.info.get("max_positions")
+    for task in tasks:
+        for sample in task.samples:
+            n, new = len(sample.ids or []), sample.max_new_tokens
+            if limit and n + new > limit:
+                raise UsageError(f"{task.name}: a prompt of {n} tokens plus {new} new tokens is beyond "
+                                 f"{ctx.info['model']}'s {limit} positions: ask for shorter prompts (at most "
+                                 f"{limit - new} tokens)")
 
 
 class RowSuite(PromptSuite):
