@@ -212,6 +212,19 @@ def test_read_only_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         folder.chmod(0o755)
 
 
+@pytest.mark.skipif(ROOT, reason="root writes into read-only files")
+def test_read_only_run_is_refused_before_the_model_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from arkv_bench.options import build_options
+
+    opts = build_options({k.lstrip("-").replace("-", "_"): v for k, v in zip(PASSKEY[:-1:2], PASSKEY[1:-1:2])})
+    folder = tmp_path / "out" / "r"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"options": json.loads(json.dumps(opts.key(), default=str))}))
+    (folder / "samples.jsonl").write_text("")
+    (folder / "samples.jsonl").chmod(0o444)
+    run_case(lambda t: _out(t, *PASSKEY, "--run-name", "r"), ["samples.jsonl", "not writable"], tmp_path, monkeypatch)
+
+
 def test_a_run_folder_another_process_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The folder's lock is held (as by a concurrent run of the same command): exit 2 before the model loads."""
     from filelock import FileLock
