@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -276,8 +277,11 @@ def test_lm_eval_command_line(case: str, tmp_path: Path, monkeypatch: pytest.Mon
         model_args, words = LM_EVAL_ARGS[case]
         argv = ["--model", "arkv", "--model_args", model_args, "--tasks", "arkv_fx_mc"]
     before = tree(tmp_path)
+    log = logging.getLogger("lm_eval")
+    handlers = list(log.handlers)
     with pytest.raises(SystemExit) as exit_:
         main(argv)
+    log.handlers[:] = handlers  # lm-eval's setup_logging bound a handler to this test's captured stderr
     assert exit_.value.code == 2
     captured = capfd.readouterr()
     line = one_line(captured.out + captured.err)

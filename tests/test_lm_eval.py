@@ -9,6 +9,7 @@ bytes and the scores of the long prompt.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -252,6 +253,8 @@ def test_lm_eval_command_line_wrapper(task_dir, capsys, monkeypatch):
     from arkv_bench.lm_eval_cli import main
 
     monkeypatch.setattr("sys.argv", ["arkv-lm-eval"])
+    handlers = list(logging.getLogger("lm_eval").handlers)  # lm-eval's setup_logging binds one to captured stderr
+    monkeypatch.setattr(logging.getLogger("lm_eval"), "handlers", handlers)
     main(["--model", "arkv", "--model_args", "pretrained=smollm2-135m,quant_type=mix,cache_size=24,window_size=8",
           "--tasks", MC, "--include_path", str(task_dir), "--limit", "1"])
     printed = capsys.readouterr().out
