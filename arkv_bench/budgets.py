@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
@@ -35,12 +36,12 @@ def check_cache(method: str, budget: int | None, window: int, method_options: di
 
 def smallest_budget(method: str, window: int, method_options: dict[str, Any]) -> int:
     """The smallest token budget the method accepts with these options (e.g. window + 1 + slack)."""
-    return _smallest(method, window, tuple(sorted(method_options.items(), key=str)))
+    return _smallest(method, window, json.dumps(method_options, sort_keys=True, default=str))
 
 
 @lru_cache(maxsize=256)
-def _smallest(method: str, window: int, items: tuple[tuple[str, Any], ...]) -> int:
-    options = dict(items)
+def _smallest(method: str, window: int, options_json: str) -> int:
+    options = json.loads(options_json)
 
     def ok(budget: int) -> bool:
         try:
