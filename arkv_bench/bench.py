@@ -30,7 +30,8 @@ from arkv_bench.cache import METHODS, make_cache, prepare_model
 from arkv_bench.compare import BENCH_SUITE, bench_task, ratio
 from arkv_bench.generation import greedy_generate
 from arkv_bench.models import load_model, resolve_device, resolve_dtype
-from arkv_bench.results import SUMMARY_COLUMNS, _write_csv, evicted_quantized, layer_vector, provenance
+from arkv_bench.results import SUMMARY_COLUMNS, evicted_quantized, layer_vector, provenance
+from arkv_bench.results_io import atomic_write, csv_text
 from arkv_bench.runner import UsageError
 
 # Exact shapes of real models (random weights: speed and memory do not depend on the values), and a
@@ -449,8 +450,8 @@ def results_folder(opts: BenchOptions, out: Path, run_name: str | None) -> Path:
 
 def _write(folder: Path, rows: list[dict[str, Any]], info: dict[str, Any]) -> None:
     add_ratios(rows)
-    _write_csv(folder / "bench.csv", BENCH_COLUMNS, rows)
-    _write_csv(folder / "summary.csv", SUMMARY_COLUMNS, [summary_row(r, info) for r in rows])
+    atomic_write(folder / "bench.csv", csv_text(BENCH_COLUMNS, rows))
+    atomic_write(folder / "summary.csv", csv_text(SUMMARY_COLUMNS, [summary_row(r, info) for r in rows]))
 
 
 def cells(opts: BenchOptions) -> Iterator[tuple[str, int, int]]:

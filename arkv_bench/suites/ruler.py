@@ -24,7 +24,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from arkv_bench.suites._ruler_words import ADJECTIVES, NOUNS, PLACES, TIMES, VERBS_PAST
-from arkv_bench.suites.base import Sample, SuiteOptions
+from arkv_bench.options import RunOptions
+from arkv_bench.suites.base import Sample
 from arkv_bench.suites.passkey import FILLER_SENTENCES, LENGTH_TOLERANCE, _Measurer, _validate
 from arkv_bench.tasks import TaskSpec
 
@@ -366,7 +367,7 @@ def make_ruler_samples(tokenizer: Any, name: str, task: RulerTask, context_lengt
 
 # --- entry points for the suite registry ------------------------------------------------------
 
-def build(spec: TaskSpec, options: SuiteOptions, tokenizer: Any, chat: bool) -> list[Sample]:
+def build(spec: TaskSpec, options: RunOptions, tokenizer: Any, chat: bool) -> list[Sample]:
     """The prompts of one task of tasks/ruler.yaml (command-line lengths, depths and counts win)."""
     extra = spec.extra
     task = RulerTask.from_extra(spec.name, extra)
