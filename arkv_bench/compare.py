@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -19,10 +20,23 @@ from typing import Any
 from rich.markup import escape as rich_escape
 from rich.table import Table
 
-from arkv_bench.results_io import Run
+from arkv_bench.results_io import Run, atomic_write, check_writable_file
 
 AVG_TASK = "AVG"
 EMPTY = "—"
+BENCH_SUITE = "bench"  # `arkv-bench bench`: one task per cell, never averaged over cells
+_BENCH_CELL = re.compile(r"(?:b(\d+)|max batch) x (\d+)")
+
+
+def bench_task(batch: int | None, context: int) -> str:
+    """The task name of a bench cell ('b8 x 32768'), or of a max-batch search (batch None)."""
+    return f"{'max batch' if batch is None else f'b{batch}'} x {context}"
+
+
+def parse_bench_task(task: str | None) -> tuple[int | None, int] | None:
+    """(batch or None for a max-batch row, context) of a bench task name; None for other names."""
+    match = _BENCH_CELL.fullmatch(task or "")
+    return None if match is None else (int(match[1]) if match[1] else None, int(match[2]))
 
 Row = dict[str, Any]
 
@@ -81,10 +95,7 @@ class Comparison:
 
     def to_csv(self, path: Path) -> Path:
         """Write every column; unmeasured values are empty cells, as in summary.csv."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_csv_text(), encoding="utf-8")
-        return path
+        return atomic_write(check_writable_file(path, "--out"), self.to_csv_text())
 
     def to_csv_text(self) -> str:
         """CSV text of `to_csv`, for callers that print or embed it."""
@@ -244,8 +255,8 @@ def _suite_averages(
     notes: list[str] = []
     for key, members in groups.items():
         suite_tasks = tasks_of[key[:4]]
-        if len(suite_tasks) < 2:
-            continue  # a one-task suite's average is the task row itself
+        if len(suite_tasks) < 2 or key[3] == BENCH_SUITE:
+            continue  # a one-task suite's average is the task row itself; bench cells are not alike
         rows = [row for row, _ in members]
         missing = sorted(map(str, suite_tasks - {row.get("task") for row in rows}))
         avg_row = _average_rows(rows)

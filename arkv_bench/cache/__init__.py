@@ -106,8 +106,10 @@ def _validate(cls: type[BenchCache], opts: dict[str, Any]) -> None:
 def _validate_akv(opts: dict[str, Any], need: Any) -> None:
     for key in ("hot_budget", "warm_budget", "n_anchors", "promote_interval"):
         need(isinstance(opts[key], int), f"{key} must be an integer, got {opts[key]!r}")
-    need(opts["hot_budget"] >= opts["n_anchors"] + opts["window_size"],
-         f"hot_budget must be at least n_anchors + window_size ({opts['n_anchors'] + opts['window_size']})")
+    recent = opts["window_size"] if opts["protect_recent"] is None else opts["protect_recent"]
+    need(isinstance(recent, int) and recent >= 0, f"protect_recent must be a token count or None, got {recent!r}")
+    need(opts["hot_budget"] >= opts["n_anchors"] + recent,
+         f"hot_budget must be at least n_anchors + protect_recent ({opts['n_anchors'] + recent})")
     need(opts["cold_budget"] == math.inf or float(opts["cold_budget"]).is_integer(),
          f"cold_budget must be a token count or inf (unbounded), got {opts['cold_budget']!r}")
     need(opts["decay"] <= 1, f"decay must be in [0, 1], got {opts['decay']!r}")

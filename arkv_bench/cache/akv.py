@@ -51,9 +51,16 @@ then by importance: the best `hot_budget` tokens are hot, the next `warm_budget`
 rest cold. Candidates are the hot and warm tokens, plus, on a cold-scoring step, the
 `hot_budget + warm_budget` most important cold tokens. So demotion (hot -> warm -> cold)
 happens when a tier is over budget, and promotion when a warm or cold token's importance
-rises above a token of the tier above. Attention runs over hot + warm (promoted tokens
-included); nothing is lost unless `cold_budget` is set: every token ever seen is in
-exactly one tier.
+rises above a token of the tier above. The recent tokens kept hot are the last `protect_recent`
+(by default `window_size`, the window the scores are taken over).
+Attention runs over hot + warm (promoted tokens included); nothing is lost unless
+`cold_budget` is set: every token ever seen is in exactly one tier.
+
+`demotion="fifo"` is the baseline the importance policy is compared against: the same
+tiers and anchors, ranked by age instead of importance, so the oldest non-anchor hot
+token is the next one demoted to warm, the oldest warm token the next one to go cold,
+and, with a `cold_budget`, the oldest cold token the next one evicted. Nothing is ever
+promoted, and no scores are computed (importances stay 0).
 
 Accounting: `kv_bytes()` is what the device tiers hold (hot and warm values, scales,
 positions, importances); `host_bytes()` is the cold tier, in CPU memory. When the model
@@ -74,6 +81,7 @@ from arkv_bench.cache.scoring import POOLINGS, heavy_hitter_score
 
 HOST = torch.device("cpu")
 HOT, WARM, COLD = 0, 1, 2
+DEMOTIONS = ("importance", "fifo")
 CODES = ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero")
 
 
@@ -141,12 +149,14 @@ class AKVLayer(TokenLayer):
                  cold_budget: float = math.inf, n_anchors: int = 16, warm_bits: int = 4, cold_bits: int = 2,
                  group_size: int = 32, decay: float = 0.9, attention_weight: float = 1.0,
                  recency_weight: float = 0.01, promote_interval: int = 16, pooling: str = "max",
-                 kernel_size: int = 1, **_: Any):
+                 kernel_size: int = 1, demotion: str = "importance", protect_recent: int | None = None, **_: Any):
         super().__init__(layer_idx, None, window_size)
         self.hot_budget, self.warm_budget, self.cold_budget = hot_budget, warm_budget, cold_budget
         self.n_anchors, self.warm_bits, self.cold_bits, self.group = n_anchors, warm_bits, cold_bits, group_size
         self.decay, self.attention_weight, self.recency_weight = decay, attention_weight, recency_weight
         self.promote_interval, self.pooling, self.kernel_size = promote_interval, pooling, kernel_size
+        self.demotion = demotion
+        self.protect_recent = window_size if protect_recent is None else protect_recent
         self.imp = self.warm = self.cold = None
         self.steps = self.promotions = self.demotions = self.evictions = 0
         self._view_values: torch.Tensor | None = None
@@ -178,6 +188,14 @@ class AKVLayer(TokenLayer):
     def view_positions(self) -> torch.Tensor:
         return torch.cat([self.pos, self.warm["pos"]], dim=2) if tier_size(self.warm) else self.pos
 
+    def protected(self, pos: torch.Tensor) -> torch.Tensor:
+        """The last `protect_recent` tokens, always hot."""
+        return pos >= self.seen - self.protect_recent
+
+    def rank_key(self, imp: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """What orders tokens between tiers (higher stays in the faster tier): importance, or youth for FIFO."""
+        return imp if self.demotion == "importance" else pos.float()
+
     # --- scoring -------------------------------------------------------------------------------
     def recency(self, pos: torch.Tensor) -> torch.Tensor:
         return torch.exp(-(self.seen - 1 - pos).float() / self.window_size)
@@ -195,6 +213,10 @@ class AKVLayer(TokenLayer):
 
     def after_attention(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         self.steps += 1
+        if self.demotion == "fifo":  # age alone decides: nothing to score
+            self._rebalance(key, torch.cat([self.imp, self.warm["imp"]], dim=2), with_cold=False)
+            self._view_values = None
+            return
         n_q = query.shape[2]
         first = n_q - min(self.window_size, n_q) if self.steps == 1 else 0
         pos = self.view_positions()
@@ -254,8 +276,8 @@ class AKVLayer(TokenLayer):
             return
         live = self.live(pos)
         forced = live & (self.protected(pos) | (pos - self.start.view(-1, 1, 1) < self.n_anchors))
-        order = imp.masked_fill(forced, float("inf")).masked_fill(~live, float("-inf")).argsort(
-            dim=-1, descending=True, stable=True)
+        rank = self.rank_key(imp, pos).masked_fill(forced, float("inf")).masked_fill(~live, float("-inf"))
+        order = rank.argsort(dim=-1, descending=True, stable=True)
         hot_n = min(self.hot_budget, n_pool)
         warm_n = min(self.warm_budget, n_pool - hot_n)
         to_hot, to_warm, to_cold = order[..., :hot_n], order[..., hot_n:hot_n + warm_n], order[..., hot_n + warm_n:]
@@ -309,7 +331,8 @@ class AKVLayer(TokenLayer):
         over = tier_size(self.cold) - self.cold_budget
         if over <= 0:
             return
-        live_imp = self.cold["imp"].masked_fill(self.cold["pos"] < self.start.to(HOST).view(-1, 1, 1), float("-inf"))
+        live_imp = self.rank_key(self.cold["imp"], self.cold["pos"]).masked_fill(
+            self.cold["pos"] < self.start.to(HOST).view(-1, 1, 1), float("-inf"))
         best = live_imp.topk(int(self.cold_budget), dim=-1).indices
         self.evictions += int(over) * best.shape[0] * best.shape[1]
         self.cold = take(self.cold, best.sort(dim=-1).values)
@@ -353,8 +376,8 @@ class AKVCache(BenchCache):
     defaults = {"cache_size": None, "window_size": 32, "hot_budget": 1024, "warm_budget": 2048,
                 "cold_budget": math.inf, "n_anchors": 16, "warm_bits": 4, "cold_bits": 2, "group_size": 32,
                 "decay": 0.9, "attention_weight": 1.0, "recency_weight": 0.01, "promote_interval": 16,
-                "pooling": "max", "kernel_size": 1}
-    choices = {"warm_bits": INT_BITS, "cold_bits": INT_BITS, "pooling": POOLINGS}
+                "pooling": "max", "kernel_size": 1, "demotion": "importance", "protect_recent": None}
+    choices = {"warm_bits": INT_BITS, "cold_bits": INT_BITS, "pooling": POOLINGS, "demotion": DEMOTIONS}
 
     def host_bytes(self) -> int:
         return sum(layer.host_nbytes() for layer in self.layers)

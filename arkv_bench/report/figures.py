@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from arkv_bench.compare import (
+    BENCH_SUITE,
     Comparison,
     ComparisonRow,
     cache_size_key,
     format_cache_size,
+    parse_bench_task,
     suite_level_rows,
 )
 from arkv_bench.report.svg import (
@@ -89,7 +91,8 @@ def method_colors(labels: Iterable[str | None], baseline: str) -> dict[str | Non
 def _groups(rows: Iterable[ComparisonRow]) -> dict[tuple[Any, ...], list[ComparisonRow]]:
     grouped: dict[tuple[Any, ...], list[ComparisonRow]] = {}
     for row in rows:
-        grouped.setdefault(row.group, []).append(row)
+        if row.suite != BENCH_SUITE:  # speed only: no score to chart
+            grouped.setdefault(row.group, []).append(row)
     return grouped
 
 
@@ -212,6 +215,9 @@ def speed_figures(comparison: Comparison, colors: dict[str | None, str]) -> list
     for row in suite_level_rows(comparison):
         by_suite.setdefault((row.model, row.dtype, row.suite), []).append(row)
     for rows in by_suite.values():
+        if rows[0].suite == BENCH_SUITE:
+            figures.extend(tok_s_vs_batch(rows, colors))
+            continue
         several_runs = len({r.run for r in rows}) > 1
         first = rows[0]
         scope = "suite average" if first.task == "AVG" else f"task {first.task}"
@@ -227,6 +233,35 @@ def speed_figures(comparison: Comparison, colors: dict[str | None, str]) -> list
                 figures.append(Figure(title, caption, missing=f"{label} not measured"))
             else:
                 figures.append(Figure(title, caption, svg=hbar_chart(title, bars, unit)))
+    return figures
+
+
+def tok_s_vs_batch(rows: list[ComparisonRow], colors: dict[str | None, str]) -> list[Figure]:
+    """`bench` runs: decode tok/s against batch size, a line per method, a chart per context length."""
+    by_context: dict[int, list[tuple[int, ComparisonRow]]] = {}
+    for row in rows:
+        cell = parse_bench_task(row.task)
+        if cell is not None and cell[0] is not None:
+            by_context.setdefault(cell[1], []).append((cell[0], row))
+    figures = []
+    for context, cells in sorted(by_context.items()):
+        several_runs = len({r.run for _, r in cells}) > 1
+        title = f"decode tok/s vs batch — {context} tokens"
+        batches = sorted({b for b, _ in cells})
+        series: dict[str, Series] = {}
+        for batch, row in sorted(cells, key=lambda c: c[0]):
+            if row.decode_tok_s is not None:  # an out-of-memory cell has no point
+                label = _series_label(row, several_runs)
+                item = series.setdefault(label, Series(label, colors.get(row.quant_type, PALETTE[0])))
+                tip = f"{row.quant_type} at batch {batch}: {row.decode_tok_s:.1f} tok/s"
+                item.points.append((float(batches.index(batch)), float(row.decode_tok_s), tip))
+        caption = _group_caption(cells[0][1])
+        if not series:
+            figures.append(Figure(title, caption, missing="decode tok/s not measured (every cell ran out of memory)"))
+            continue
+        x = category_axis("batch size", [str(b) for b in batches])
+        y = numeric_axis("decode tok/s", [p[1] for s in series.values() for p in s.points], include_zero=True)
+        figures.append(Figure(title, caption, svg=xy_chart(title, list(series.values()), x, y)))
     return figures
 
 
