@@ -154,20 +154,27 @@ def run(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="results folder [results]"),
     run_name: Optional[str] = typer.Option(None, help="subfolder name (default: derived from the options)"),
     quiet: bool = typer.Option(False, help="no progress bar and no table"),
+    gpus: int = typer.Option(1, min=1, help="data-parallel ranks, one per GPU (launches torchrun; each rank "
+                                             "takes a share of the samples)"),
     given: dict[str, Any] = None, method_option: list[str] = (),
 ) -> None:
     """Run a suite with one or more methods and cache sizes; resumable."""
+    from arkv_bench.distributed import Ranks, launch, without_gpus_option
     from arkv_bench.options import build_options
 
+    if gpus > 1 and Ranks.from_env().world == 1:  # the shorthand: start the ranks, which run this command
+        raise typer.Exit(launch(gpus, without_gpus_option(sys.argv[1:])))
     cfg = read_config(config)
     opts = build_options(given, cfg, method_option)
     _run(opts, Path(out_dir or cfg.get("out") or "results"), run_name or cfg.get("run_name"), quiet)
 
 
 def _run(opts: Any, out_root: Path, run_name: Optional[str], quiet: bool) -> None:
+    from arkv_bench.distributed import Ranks, finish
     from arkv_bench.runner import execute, prepare, progress_counts
 
     started = time.perf_counter()
+    quiet = quiet or not Ranks.from_env().main  # one progress bar and one table: rank 0's, for the whole run
     if quiet:  # no "Loading weights" bar either
         import transformers
 
@@ -188,6 +195,7 @@ def _run(opts: Any, out_root: Path, run_name: Optional[str], quiet: bool) -> Non
         prepared.close(failed)
         if failed and not prepared.log.records:
             STATE["folder"] = None
+        finish(prepared.ranks)
     if not quiet:
         wide(out).print(summary_table(rows))
         out.print(f"results: {prepared.folder}  ({time.perf_counter() - started:.0f} s)")

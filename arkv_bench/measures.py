@@ -14,6 +14,9 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,22 +43,29 @@ def weights_bytes(model: torch.nn.Module) -> int:
 
 
 class PeakMemory:
-    """Peak device memory since construction, above what was allocated then (CUDA only; None elsewhere)."""
+    """Peak device memory since construction, above what was allocated then (CUDA only; None elsewhere),
+    summed over the given devices (a model spread over several GPUs with --device-map)."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.start: int | None = None
-        if device.type == "cuda":
+    def __init__(self, devices: torch.device | Sequence[torch.device]):
+        devices = [devices] if isinstance(devices, torch.device) else list(devices)
+        self.devices = [d for d in devices if d.type == "cuda"]
+        self.start: dict[torch.device, int] = {}
+        for device in self.devices:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-            self.start = torch.cuda.memory_allocated(device)
+            self.start[device] = torch.cuda.memory_allocated(device)
+
+    def by_device(self) -> dict[str, int]:
+        """Bytes of the peak so far above the start, per device."""
+        out = {}
+        for device in self.devices:
+            torch.cuda.synchronize(device)
+            out[str(device)] = torch.cuda.max_memory_allocated(device) - self.start[device]
+        return out
 
     def read(self) -> int | None:
-        """Bytes of the peak so far above the start; None where not measured."""
-        if self.start is None:
-            return None
-        torch.cuda.synchronize(self.device)
-        return torch.cuda.max_memory_allocated(self.device) - self.start
+        """Bytes of the peak so far above the start, summed over the devices; None where not measured."""
+        return sum(self.by_device().values()) if self.devices else None
 
 
 def row_decode(step_s: Sequence[float], generated: int) -> tuple[int, float]:
@@ -85,3 +95,22 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     low = int(rank)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def gpu_inventory() -> dict[str, Any]:
+    """GPU count, names and how they are connected (nvidia-smi topo -m when there is one)."""
+    if not torch.cuda.is_available():
+        return {"count": 0, "names": [], "topology": None}
+    props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+    topology, source = None, "torch device properties (nvidia-smi not found)"
+    if shutil.which("nvidia-smi"):
+        try:
+            done = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=20)
+            text = re.sub(r"\x1b\[[0-9;]*m", "", done.stdout).strip()  # it underlines its header for terminals
+            topology, source = text or None, "nvidia-smi topo -m"
+        except (OSError, subprocess.SubprocessError) as e:
+            source = f"nvidia-smi topo -m failed: {e}"
+    devices = [{"name": p.name, "total_memory_bytes": p.total_memory, "multiprocessors": p.multi_processor_count,
+                "compute_capability": f"{p.major}.{p.minor}"} for p in props]
+    return {"count": len(props), "names": [p.name for p in props], "topology": topology, "topology_source": source,
+            "devices": devices}

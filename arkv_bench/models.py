@@ -515,13 +515,18 @@ def load_model(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     attn_implementation: str = "sdpa",
+    device_map: str | None = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Load ``(model, tokenizer, info)`` ready for inference (eval mode, no grads).
 
     ``spec``: None or an alias in EMBEDDED_ALIASES for the embedded SmolLM2-135M, a local folder,
     a ``.gguf`` file, or a Hub id (only from the local cache when HF_HUB_OFFLINE=1).
+    ``device_map="auto"`` spreads the layers over every visible GPU (accelerate), for models larger
+    than one card; each layer's cache then lives on its layer's GPU.
     """
-    dev = resolve_device(device)
+    if device_map is not None and not torch.cuda.is_available():
+        raise ModelError("--device-map auto needs CUDA GPUs; none is visible (leave --device-map out on CPU)")
+    dev = resolve_device("cuda" if device_map is not None else device)
     torch_dtype = resolve_dtype(dtype, dev)
     source, name, local_only = resolve_source(spec)
     from transformers import AutoModelForCausalLM
@@ -534,11 +539,13 @@ def load_model(
             attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,
             local_files_only=local_only,
+            **({"device_map": device_map} if device_map is not None else {}),
         )
     except Exception as e:  # noqa: BLE001 - safetensors, torch and transformers raise many kinds for a bad file
         raise ModelError(f"could not load model {name!r} ({source}): {_first_line(e)}; check the folder's weights "
                          f"and config.json") from e
-    model.to(dev)
+    if device_map is None:
+        model.to(dev)
     model.eval()
     model.requires_grad_(False)
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -550,8 +557,15 @@ def load_model(
         "attn_implementation": attn_implementation,
         "max_positions": getattr(text_config, "max_position_embeddings", None),
         "has_chat_template": bool(getattr(tokenizer, "chat_template", None)),
+        "devices": [str(d) for d in model_devices(model)],
     }
     return model, tokenizer, info
+
+
+def model_devices(model: torch.nn.Module) -> list[torch.device]:
+    """The devices holding the model's parameters (several under --device-map auto), in index order."""
+    found = {p.device for p in model.parameters()}
+    return sorted(found, key=lambda d: (d.type, d.index if d.index is not None else -1))
 
 
 def _first_line(e: BaseException) -> str:

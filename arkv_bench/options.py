@@ -152,6 +152,8 @@ class RunOptions:
     seed: int = option(0, "seeds the data (and tune's sampler)", _whole(0), kind=int)
     device: str = option("auto", "auto, cpu or cuda", _text, tune_config=False)
     dtype: str = option("auto", "auto, bfloat16, float16 or float32", _text)
+    device_map: str | None = option(None, "auto: spread the model's layers over every visible GPU (accelerate), "
+                                          "for a model larger than one card", _choice(("auto",)), tune_config=False)
     chat_template: str = option("auto", "auto (the task decides), on or off", _choice(CHAT_CHOICES))
     trust_remote_code: bool = option(False, "allow the model's own code from the Hub", _flag, kind=bool,
                                      tune_config=False)

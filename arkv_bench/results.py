@@ -14,7 +14,7 @@ from typing import Any
 
 from arkv_bench.measures import decode_tok_s, percentile
 from arkv_bench.metrics import mean_ci95
-from arkv_bench.results_io import atomic_write, csv_text, read_samples, record_key
+from arkv_bench.results_io import atomic_write, csv_text, read_run_samples, read_samples, record_key
 
 SUMMARY_COLUMNS = ["model", "suite", "task", "quant_type", "cache_size", "window_size", "n", "score", "score_ci95",
                    "prefill_tok_s", "decode_tok_s", "ttft_ms", "itl_ms_p50", "itl_ms_p99", "kv_bytes", "kv_bytes_full",
@@ -80,6 +80,15 @@ class SampleLog:
         if contents.needs_repair:  # rewrite without those lines, atomically: a kill now must not lose good lines
             atomic_write(path, "".join(line + "\n" for line in contents.lines))
         self.done = {record_key(r) for r in self.records}
+
+    def include(self, paths: list[Path]) -> None:
+        """Also count the records of other logs of the run (other ranks' files) as done; only this log is written."""
+        for path in paths:
+            if path != self.path:
+                for record in read_samples(path).records:
+                    if record_key(record) not in self.done:
+                        self.records.append(record)
+                        self.done.add(record_key(record))
 
     def has(self, task: str, sample_id: str, method: str, size: Any) -> bool:
         return (task, str(sample_id), method, "" if size is None else str(size)) in self.done
@@ -183,9 +192,9 @@ def layer_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_summaries(folder: Path, info: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rebuild summary.csv and layer_stats.csv from samples.jsonl; return the summary rows."""
+    """Rebuild summary.csv and layer_stats.csv from the sample logs; return the summary rows."""
     config = json.loads((folder / "config.json").read_text())
-    records = read_samples(folder / "samples.jsonl").records  # read only: rewriting here could lose lines on a kill
+    records = read_run_samples(folder)  # read only: rewriting here could lose lines on a kill
     rows = summarise(records, info, config["options"]["window_size"])
     atomic_write(folder / "summary.csv", csv_text(SUMMARY_COLUMNS, rows))
     atomic_write(folder / "layer_stats.csv", csv_text(LAYER_COLUMNS, layer_rows(records)))
@@ -204,7 +213,10 @@ def provenance(info: dict[str, Any]) -> dict[str, Any]:
                                 cwd=Path(__file__).parent).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
+    from arkv_bench.measures import gpu_inventory
+
     device_name = torch.cuda.get_device_name() if info["device"].startswith("cuda") else platform.processor() or "cpu"
     return {"arkv_bench": arkv_bench.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "git_commit": commit, "device_name": device_name,
+            "gpus": gpu_inventory(), "model_devices": info.get("devices"),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -181,6 +182,24 @@ def read_samples(path: Path) -> JsonLines:
     return kept
 
 
+def sample_files(folder: Path) -> list[Path]:
+    """A run's sample logs: samples.jsonl, then one per rank of a data-parallel run (samples.rankN.jsonl)."""
+    ranked = sorted(folder.glob("samples.rank*.jsonl"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
+    return [p for p in (folder / SAMPLES_FILE, *ranked) if p.is_file()]
+
+
+def read_run_samples(folder: Path) -> list[dict[str, Any]]:
+    """Every sample record of a run, over all its sample logs, one per (configuration, sample)."""
+    seen: set[tuple[str, str, str, str]] = set()
+    records = []
+    for path in sample_files(folder):
+        for record in read_samples(path).records:
+            if record_key(record) not in seen:
+                seen.add(record_key(record))
+                records.append(record)
+    return records
+
+
 def _cache_size_cell(text: str | None) -> int | float | str | None:
     """A cache size is a token budget (int), a fraction of the prompt (float) or 'full'."""
     if text is None or not text.strip():
@@ -266,12 +285,12 @@ class Run:
         return value if isinstance(value, dict) else {}
 
     def iter_samples(self) -> Iterator[dict[str, Any]]:
-        """samples.jsonl's records, one per (configuration, sample).
+        """The sample logs' records (all ranks' files), one per (configuration, sample).
 
         Lines that are not a JSON object are skipped: samples are appended as each one
         finishes, so a run killed mid-write leaves a truncated last line behind.
         """
-        yield from read_samples(self.path / SAMPLES_FILE).records
+        yield from read_run_samples(self.path)
 
 
 def _run_dirs_under(path: Path) -> list[Path]:

@@ -23,12 +23,13 @@ from filelock import FileLock, Timeout
 
 from arkv_bench import budgets
 from arkv_bench.cache import METHODS, make_cache, prepare_model
+from arkv_bench.distributed import Ranks, barrier, init
 from arkv_bench.generation import Generation, greedy_generate
 from arkv_bench.measures import eos_ids, weights_bytes
 from arkv_bench.options import RunOptions, UsageError
 from arkv_bench.results import SampleLog, provenance, write_summaries
-from arkv_bench.results_io import atomic_write, check_writable_folder, record_key
-from arkv_bench.suites import Context, Suite, Task, get_suite
+from arkv_bench.results_io import atomic_write, check_writable_folder, record_key, sample_files
+from arkv_bench.suites import Batch, Context, Suite, Task, get_suite
 
 __all__ = ["Context", "RunOptions", "UsageError", "execute", "load_context", "open_run", "validate", "warm_up"]
 
@@ -60,6 +61,9 @@ def validate(opts: RunOptions) -> Suite:
     unknown = [k for k in opts.method_options if not any(k in METHODS[m].defaults for m in opts.quant_types)]
     if unknown:
         raise UsageError(f"no selected method has option {', '.join(unknown)}; see `arkv-bench list` for each method's options")
+    if opts.device_map is not None and Ranks.from_env().world > 1:
+        raise UsageError("--device-map auto spreads one model over all GPUs; it cannot be combined with several "
+                         "data-parallel ranks (--gpus / torchrun): use one or the other")
     check_caches(opts)
     suite.check(opts)  # last: it may read the data
     return suite
@@ -98,12 +102,13 @@ def budget_notes(opts: RunOptions, tasks: list[Task]) -> list[str]:
     return notes
 
 
-def load_context(opts: RunOptions) -> Context:
-    """Load the run's model (ModelError if it cannot be) with the one EOS rule and its weights' bytes."""
+def load_context(opts: RunOptions, ranks: Ranks = Ranks()) -> Context:
+    """Load the run's model (ModelError if it cannot be) with the one EOS rule and its weights' bytes;
+    in a data-parallel run, on the rank's own GPU."""
     from arkv_bench.models import load_model
 
-    model, tokenizer, info = load_model(opts.model, opts.device, opts.dtype, opts.trust_remote_code,
-                                        attn_implementation="arkv")
+    model, tokenizer, info = load_model(opts.model, ranks.device(opts.device), opts.dtype, opts.trust_remote_code,
+                                        attn_implementation="arkv", device_map=opts.device_map)
     info["weights_bytes"] = weights_bytes(model)
     ctx = Context(model=model, tokenizer=tokenizer, opts=opts, info=info, eos=eos_ids(model, tokenizer))
     check_caches(opts, model.config, prefix=f"{info['model']}: ")
@@ -171,8 +176,8 @@ def check_run_folder(opts: RunOptions, out: Path, run_name: str | None, probe_lo
     return folder
 
 
-def open_run(opts: RunOptions, out: Path, run_name: str | None, info: dict[str, Any], chats: dict[str, bool]
-             ) -> tuple[Path, SampleLog, FileLock]:
+def open_run(opts: RunOptions, out: Path, run_name: str | None, info: dict[str, Any], chats: dict[str, bool],
+             samples_file: str = "samples.jsonl") -> tuple[Path, SampleLog, FileLock]:
     """Create or reopen the run folder under its lock (held until released); a folder of another run under the
     same name, or one another process writes, is an error."""
     folder = check_run_folder(opts, out, run_name)
@@ -190,7 +195,7 @@ def open_run(opts: RunOptions, out: Path, run_name: str | None, info: dict[str, 
         check_run_folder(opts, out, run_name, probe_lock=False)  # again under the lock: another process may have
         # written it meanwhile
         atomic_write(folder / "config.json", json.dumps(config, indent=2, default=str))
-        return folder, SampleLog(folder / "samples.jsonl"), lock
+        return folder, SampleLog(folder / samples_file), lock
     except BaseException:
         lock.release()
         raise
@@ -226,6 +231,7 @@ class Run:
     lock: FileLock | None = None
     created: Path | None = None  # the outermost folder this process made for the run
     notes: list[str] = field(default_factory=list)  # what the user should know before the numbers
+    ranks: Ranks = field(default_factory=Ranks)
 
     def close(self, failed: bool) -> None:
         """Release the folder; a run that failed before writing its first record leaves nothing behind."""
@@ -235,11 +241,17 @@ class Run:
             shutil.rmtree(self.created, ignore_errors=True)
 
 
-def prepare(opts: RunOptions, out: Path, run_name: str | None) -> Run:
-    """Check everything, load the model, build the prompts, then (only then) open the run folder."""
+def prepare(opts: RunOptions, out: Path, run_name: str | None, ranks: Ranks | None = None) -> Run:
+    """Check everything, load the model, build the prompts, then (only then) open the run folder.
+
+    In a data-parallel run rank 0 owns the folder (its lock, config.json); every rank appends to its
+    own sample log, and counts every rank's records as done (so a resume, with any number of ranks,
+    neither repeats nor loses a sample)."""
+    ranks = ranks or Ranks.from_env()
+    init(ranks)
     suite = validate(opts)
-    folder = check_run_folder(opts, out, run_name)  # before the model loads: a clash fails in a second
-    ctx = load_context(opts)
+    folder = check_run_folder(opts, out, run_name, probe_lock=ranks.main)  # before the model loads
+    ctx = load_context(opts, ranks)
     tasks = suite.plan(ctx)
     notes = budget_notes(ctx.opts, tasks)
     created = None
@@ -247,37 +259,64 @@ def prepare(opts: RunOptions, out: Path, run_name: str | None) -> Run:
         if path.exists():
             break
         created = path
-    folder, log, lock = open_run(opts, out, run_name, ctx.info, {t.name: t.chat for t in tasks})
-    return Run(ctx=ctx, suite=suite, tasks=tasks, folder=folder, log=log, lock=lock, created=created,
-               notes=[n for n in (log.note, *notes) if n])
+    lock = None
+    if ranks.main:
+        folder, log, lock = open_run(opts, out, run_name, ctx.info, {t.name: t.chat for t in tasks},
+                                     ranks.samples_file())
+    barrier(ranks)  # the folder exists and is rank 0's
+    if not ranks.main:
+        log = SampleLog(folder / ranks.samples_file())
+    barrier(ranks)  # every rank's own log is repaired: now each may read the others'
+    log.include(sample_files(folder))
+    return Run(ctx=ctx, suite=suite, tasks=tasks, folder=folder, log=log, lock=lock,
+               created=created if ranks.main else None, notes=[n for n in (log.note, *notes) if n], ranks=ranks)
+
+
+def work_items(run: Run) -> list[tuple[Task, str, int | float | None, Batch]]:
+    """Every (task, method, cache size, batch) not yet in the logs, in one fixed order (the same on every rank)."""
+    items = []
+    for task in run.tasks:
+        for method, size in configurations(run.ctx.opts):
+            for batch in run.suite.batches(run.ctx, task, method, size, _records_of(run.log, run.suite, method, size)):
+                items.append((task, method, size, batch))
+    return items
 
 
 def execute(run: Run, progress: Callable[[str, int], None] | None = None) -> list[dict[str, Any]]:
-    """Run every (task, method, cache size) not already in the log; return the summary rows."""
-    ctx, suite, log = run.ctx, run.suite, run.log
+    """Run every (task, method, cache size) not already in the logs (a data-parallel rank: its share of
+    them); return the summary rows (rank 0, once every rank is done; other ranks: none)."""
+    ctx, suite, log, ranks = run.ctx, run.suite, run.log, run.ranks
     prepare_model(ctx.model)
     warmed: set[tuple[str, int | float | None]] = set()
-    for task in run.tasks:
-        for method, size in configurations(ctx.opts):
-            todo = suite.batches(ctx, task, method, size, _records_of(log, suite, method, size))
-            if not todo:
-                continue
-            if (method, size) not in warmed:
-                warm_up(ctx, method, size)
-                warmed.add((method, size))
-            label = f"{method}@{size if size is not None else '-'} {task.name}"
-            for i, batch in enumerate(todo):
-                try:
-                    records = suite.run(ctx, task, batch, method, size)
-                except (torch.OutOfMemoryError, MemoryError):
-                    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-                    for rest in todo[i:]:
-                        for record in suite.oom(ctx, task, rest, method, size):
-                            log.append(record)
-                    break
-                for record in records:
-                    log.append(record)
-                if progress:
-                    progress(label, batch.units)
+    mine = ranks.share(work_items(run))
+    counted = _records_written(run.folder)
+    for i, (task, method, size, batch) in enumerate(mine):
+        if (method, size) not in warmed:
+            warm_up(ctx, method, size)
+            warmed.add((method, size))
+        try:
+            records = suite.run(ctx, task, batch, method, size)
+        except (torch.OutOfMemoryError, MemoryError):  # the rest of this configuration is out of memory too
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            rest = [item for item in mine[i:] if _config(item) == _config(mine[i])]
+            records = [r for (_, _, _, b) in rest for r in suite.oom(ctx, task, b, method, size)]
+            mine[i + 1:] = [item for item in mine[i + 1:] if _config(item) != _config(mine[i])]
+        for record in records:
+            log.append(record)
+        if progress:  # rank 0 of several counts every rank's records: the bar shows the whole run
+            now = _records_written(run.folder) if ranks.world > 1 else counted + batch.units
+            progress(f"{method}@{size if size is not None else '-'} {task.name}", now - counted)
+            counted = now
+        if ranks.world == 1 and (i + 1 == len(mine) or _config(mine[i + 1]) != _config(mine[i])):
             write_summaries(run.folder, ctx.info)
-    return write_summaries(run.folder, ctx.info)
+    barrier(ranks)  # every rank has finished its share
+    return write_summaries(run.folder, ctx.info) if ranks.main else []
+
+
+def _config(item: tuple[Task, str, int | float | None, Batch]) -> tuple[str, str, str]:
+    return item[0].name, item[1], str(item[2])
+
+
+def _records_written(folder: Path) -> int:
+    """Lines in all of the run's sample logs (each a record)."""
+    return sum(1 for path in sample_files(folder) for _ in path.open(encoding="utf-8", errors="replace"))
