@@ -81,6 +81,11 @@ class SampleLog:
             atomic_write(path, "".join(line + "\n" for line in contents.lines))
         self.done = {record_key(r) for r in self.records}
 
+    @property
+    def written(self) -> bool:
+        """Whether the log file holds anything (also a line whose append was interrupted before it returned)."""
+        return self.path.is_file() and self.path.stat().st_size > 0
+
     def has(self, task: str, sample_id: str, method: str, size: Any) -> bool:
         return (task, str(sample_id), method, "" if size is None else str(size)) in self.done
 
