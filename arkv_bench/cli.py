@@ -193,7 +193,7 @@ def _run(opts: Any, out_root: Path, run_name: Optional[str], quiet: bool) -> Non
         failed = False
     finally:
         prepared.close(failed)
-        if failed and not prepared.log.records:
+        if failed and not prepared.log.written:
             STATE["folder"] = None
         finish(prepared.ranks)
     if not quiet:

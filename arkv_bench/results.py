@@ -90,6 +90,11 @@ class SampleLog:
                         self.records.append(record)
                         self.done.add(record_key(record))
 
+    @property
+    def written(self) -> bool:
+        """Whether the log file holds anything (also a line whose append was interrupted before it returned)."""
+        return self.path.is_file() and self.path.stat().st_size > 0
+
     def has(self, task: str, sample_id: str, method: str, size: Any) -> bool:
         return (task, str(sample_id), method, "" if size is None else str(size)) in self.done
 

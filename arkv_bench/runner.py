@@ -237,7 +237,7 @@ class Run:
         """Release the folder; a run that failed before writing its first record leaves nothing behind."""
         if self.lock is not None:
             self.lock.release()
-        if failed and self.created is not None and not self.log.records:
+        if failed and self.created is not None and not self.log.written:
             shutil.rmtree(self.created, ignore_errors=True)
 
 
