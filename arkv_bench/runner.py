@@ -310,6 +310,8 @@ def execute(run: Run, progress: Callable[[str, int], None] | None = None) -> lis
         if ranks.world == 1 and (i + 1 == len(mine) or _config(mine[i + 1]) != _config(mine[i])):
             write_summaries(run.folder, ctx.info)
     barrier(ranks)  # every rank has finished its share
+    if progress and ranks.world > 1:
+        progress("all ranks done", _records_written(run.folder) - counted)
     return write_summaries(run.folder, ctx.info) if ranks.main else []
 
 

@@ -27,6 +27,7 @@ from arkv_bench.budgets import budget_for, cache_options
 from arkv_bench.cache import make_cache
 from arkv_bench.generation import Generation, clock, extend, greedy_generate, left_pad, prefill
 from arkv_bench.measures import PeakMemory, row_decode
+from arkv_bench.models import model_devices
 from arkv_bench.metrics import gsm8k_score, longbench_sample_score, passkey_score
 from arkv_bench.options import RunOptions, UsageError
 from arkv_bench.results import SampleRecord, evicted_quantized, layer_vector
@@ -217,7 +218,7 @@ class PromptSuite(Suite):
         budget = budget_for(size, len(encoded[0]), method, opts.window_size, opts.method_options)
         cache = make_cache(method, ctx.model.config,
                            **cache_options(method, budget, opts.window_size, opts.method_options))
-        memory = PeakMemory(ctx.model.device)
+        memory = PeakMemory(model_devices(ctx.model))
         if samples[0].choices:
             n_tail = len(tok(samples[0].tail, add_special_tokens=False).input_ids) if not task.chat else CHAT_TAIL_TOKENS
             answer, gen = choose(ctx, encoded[0], n_tail, samples[0].choices, cache)
