@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedModel
 
 from arkv_bench.cache import BenchCache
+from arkv_bench.cache.store import Fusion
 
 
 @dataclass
@@ -146,17 +147,21 @@ class Decoder:
             graph.replay()
             self.cache.advance(1)
             return out
-        if key not in self.warm:  # first time: eagerly, on a side stream (the warm-up capture needs)
-            self.warm.add(key)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+        Fusion.on = True  # the step's store methods run compiled (inductor) from here on
+        try:
+            if key not in self.warm:  # first time: eagerly, on a side stream (the warm-up capture needs)
+                self.warm.add(key)
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    out = self.forward()
+                torch.cuda.current_stream().wait_stream(side)
+                return out
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):  # the host side of the step runs here, once
                 out = self.forward()
-            torch.cuda.current_stream().wait_stream(side)
-            return out
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):  # the host side of the step runs here, once
-            out = self.forward()
+        finally:
+            Fusion.on = False
         self.graphs[key] = (graph, out)
         graph.replay()  # the device side
         return out

@@ -7,7 +7,8 @@
 instead: the speed and memory of an 8B model without its weights (the scores would be meaningless).
 
 Prints, per (prompt length, method): prefill ms, TTFT ms, decode tok/s, ITL p50/p99, the cache's
-kv_bytes, peak GPU memory, and each as a ratio to `full` at the same prompt length. Prompts are
+kv_bytes, peak GPU memory, and each as a ratio to the best full cache (the faster of `full` and
+`full-static`) at the same prompt length. Prompts are
 random token ids (speed does not depend on content); EOS is ignored so every method decodes the
 same number of tokens.
 """
@@ -15,6 +16,7 @@ same number of tokens.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 
 import torch
@@ -54,7 +56,7 @@ def random_model(arch: str, device: str, dtype: str) -> tuple[torch.nn.Module, d
 
 
 def measure(model, ids, method: str, cache_size: int, window: int, new_tokens: int, repeats: int,
-            extra: dict) -> dict:
+            extra: dict, compile: bool, prefill_chunk: int | None) -> dict:
     device = ids.device
     options = {"cache_size": cache_size, "window_size": window} if METHODS[method].budgeted else {}
     options.update(extra)
@@ -64,7 +66,8 @@ def measure(model, ids, method: str, cache_size: int, window: int, new_tokens: i
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         cache = make_cache(method, model.config, **options)
-        gen = greedy_generate(model, ids, torch.ones_like(ids), cache, new_tokens)
+        gen = greedy_generate(model, ids, torch.ones_like(ids), cache, new_tokens, compile=compile,
+                              prefill_chunk=prefill_chunk)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         runs.append((gen, peak))
     gens = runs[1:]
@@ -91,6 +94,8 @@ def main() -> None:
     parser.add_argument("--window-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-compile", action="store_true", help="decode eagerly (no CUDA graphs)")
+    parser.add_argument("--prefill-chunk", type=int, default=None, help="tokens per prefill chunk (0: one pass)")
 
     args = parser.parse_args()
 
@@ -105,7 +110,7 @@ def main() -> None:
           f" {info['dtype']}, batch {args.batch_size}, {args.new_tokens} new tokens, cache {args.cache_size},"
           f" window {args.window_size}, median of {args.repeats} runs after a warm-up")
     header = ("prompt", "method", "prefill ms", "TTFT ms", "decode tok/s", "x full", "ITL p50", "ITL p99",
-              "kv MiB", "x full", "peak MiB", "x full")
+              "kv MiB", "x full", "peak MiB", "x full")  # x full: ratio to the best full cache
     print(" | ".join(header))
     for length in (int(n) for n in args.prompt_tokens.split(",")):
         generator = torch.Generator().manual_seed(length)
@@ -115,9 +120,15 @@ def main() -> None:
         for spec in methods:  # "mix" or "mix:slack=32:gamma=100"
             name, *pairs = spec.split(":")
             extra = {k: float(v) if "." in v else int(v) for k, v in (p.split("=", 1) for p in pairs)}
-            results[spec] = measure(model, ids, name, args.cache_size, args.window_size, args.new_tokens,
-                                    args.repeats, extra)
-        base = results.get("full")
+            try:
+                results[spec] = measure(model, ids, name, args.cache_size, args.window_size, args.new_tokens,
+                                        args.repeats, extra, not args.no_compile, args.prefill_chunk)
+            except torch.OutOfMemoryError:
+                print(f"{length} | {spec} | OOM", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+        fulls = [results[m] for m in ("full", "full-static") if m in results]
+        base = max(fulls, key=lambda r: r["decode_tok_s"]) if fulls else None  # "best full"
         for m, r in results.items():
             def ratio(key: str) -> str:
                 return "n/a" if base is None or not base[key] or r[key] is None else f"{r[key] / base[key]:.3f}"

@@ -85,8 +85,8 @@ class HeadBudgets:
         return super().plan(q)
 
     def held_original(self) -> int:
-        if self.head_budget == "uniform" or not self.stored:
-            return super().held_original()
+        if self.head_budget == "uniform" or not self.stored or not self.decode_evicts:
+            return super().held_original()  # without decode eviction every head grows by one per token
         return int((self.pos >= 0).sum(dim=-1).max())
 
     def will_evict(self, q: int) -> bool:

@@ -27,9 +27,12 @@ what it evicts while decoding (`decode_score`, or `after_decode` for more).
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from arkv_bench.cache.attention import mark_pending
 from arkv_bench.cache.base import NOT_PREPARED, TokenLayer, tensor_bytes
@@ -37,6 +40,36 @@ from arkv_bench.cache.quantize import FP8_DTYPE, fp8_quantize
 from arkv_bench.cache.scoring import heavy_hitter_score
 
 GROW = 64  # slots added at once when a store without a known reserve runs out (eager path only)
+
+
+class Fusion:
+    """While `on` (the generation loop sets it for the decode steps it replays from CUDA graphs), the
+    store's decode-step methods run compiled by inductor: the dozens of small ops per layer become a
+    few fused kernels. Off (CPU, eager steps, --no-compile), they run as written."""
+
+    on = False
+    compiled: dict[Callable, Callable] = {}
+    broken: set[Callable] = set()
+
+
+def fused(fn: Callable, layer: Any, *args: Any) -> Any:
+    """fn(layer, *args), compiled while Fusion.on; a function that does not compile runs eagerly."""
+    if not Fusion.on or fn in Fusion.broken:
+        return fn(layer, *args)
+    if fn not in Fusion.compiled:
+        import torch._dynamo
+
+        for name in ("recompile_limit", "cache_size_limit"):  # layers of different capacities recompile
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 64)
+        Fusion.compiled[fn] = torch.compile(fn, fullgraph=True)
+    try:
+        return Fusion.compiled[fn](layer, *args)
+    except Exception as error:  # compile errors come before any work is done: run it eagerly from now on
+        Fusion.broken.add(fn)
+        warnings.warn(f"{fn.__qualname__} runs eagerly: it did not compile ({type(error).__name__}: {error})",
+                      stacklevel=2)
+        return fn(layer, *args)
 
 
 def scatter_slots(store: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
@@ -149,7 +182,7 @@ class SlotLayer(TokenLayer):
         if self.plan(q) is None:
             self.make_room(q)
         self.advance(q)
-        self.write(key_states, value_states)
+        fused(type(self).write, self, key_states, value_states)
         return key_states, value_states  # attention reads the slots itself (attend)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -269,9 +302,25 @@ class SlotLayer(TokenLayer):
             return super().attend(module, query, key, value, attention_mask, **kwargs)
         self._awaiting_attention = False
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        out, probs = self.slot_attention(query, scaling)
-        self.after_decode(query, probs)
+        if self.pos_q is None and not self.needs_probs():
+            out, probs = fused(type(self).sdpa_attention, self, query, scaling), None
+        else:
+            out, probs = fused(type(self).slot_attention, self, query, scaling)
+        fused(type(self).after_decode, self, query, probs)
         return out, None
+
+    def needs_probs(self) -> bool:
+        """Whether this step's method work needs the attention weights (else SDPA runs alone)."""
+        return self.evicting
+
+    def sdpa_attention(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """SDPA over the Original slots, each KV head with its query group as rows: [B, q, Hq, D]."""
+        b, hq, q, d = query.shape
+        hkv = self.keys.shape[1]
+        grouped = query.reshape(b, hkv, (hq // hkv) * q, d)
+        allowed = self.slot_allowed(q).repeat(1, 1, hq // hkv, 1) if q > 1 else self.slot_allowed(q)
+        out = F.scaled_dot_product_attention(grouped, self.keys, self.values, attn_mask=allowed, scale=scaling)
+        return out.view(b, hq, q, d).transpose(1, 2)
 
     def after_attention(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         """Dense phase: accumulate what the method needs from this chunk; after the last one, select."""
@@ -298,7 +347,7 @@ class SlotLayer(TokenLayer):
             logits = torch.cat([logits.float(), logits_q.float()], dim=-1)
         logits = logits.float().view(b, hkv, hq // hkv, q, -1) * scaling
         allowed = self.slot_allowed(q)
-        probs = torch.softmax(logits.masked_fill(~allowed.unsqueeze(2), float("-inf")), dim=-1).nan_to_num(0.0)
+        probs = torch.softmax(logits.masked_fill(~allowed.unsqueeze(2), float("-inf")), dim=-1)
         probs = probs.view(b, hkv, (hq // hkv) * q, -1)
         n_o = self.keys.shape[2]
         out = torch.matmul(probs[..., :n_o].to(query.dtype), self.values)
@@ -317,8 +366,9 @@ class SlotLayer(TokenLayer):
         q_pos = self.seen_t - q + torch.arange(q, device=pos.device, dtype=pos.dtype)
         return live & (pos.unsqueeze(-2) <= q_pos.view(1, 1, -1, 1))
 
-    def after_decode(self, query: torch.Tensor, probs: torch.Tensor) -> None:
-        """Method hook after a decode forward's attention: evict by `decode_score` when over budget."""
+    def after_decode(self, query: torch.Tensor, probs: torch.Tensor | None) -> None:
+        """Method hook after a decode forward's attention (probs: None when `needs_probs` said so):
+        evict by `decode_score` when over budget."""
         if self.evicting:
             self.evict(self.decode_score(probs))
 
