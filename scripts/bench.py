@@ -117,7 +117,7 @@ def main() -> None:
         ids = torch.randint(100, 40000 if model.config.vocab_size > 40000 else model.config.vocab_size - 1,
                             (args.batch_size, length), generator=generator).to(device)
         results = {}
-        for spec in methods:  # "mix" or "mix:slack=32:gamma=100"
+        for spec in methods:  # "mix" or "mix:slack=32:gamma=100"; full and full-static first, for the ratios
             name, *pairs = spec.split(":")
             extra = {k: float(v) if "." in v else int(v) for k, v in (p.split("=", 1) for p in pairs)}
             try:
@@ -125,19 +125,21 @@ def main() -> None:
                                         args.repeats, extra, not args.no_compile, args.prefill_chunk)
             except torch.OutOfMemoryError:
                 print(f"{length} | {spec} | OOM", flush=True)
-            gc.collect()
-            torch.cuda.empty_cache() if device.type == "cuda" else None
-        fulls = [results[m] for m in ("full", "full-static") if m in results]
-        base = max(fulls, key=lambda r: r["decode_tok_s"]) if fulls else None  # "best full"
-        for m, r in results.items():
+                continue
+            finally:
+                gc.collect()
+                torch.cuda.empty_cache() if device.type == "cuda" else None
+            fulls = [results[m] for m in ("full", "full-static") if m in results]
+            base = max(fulls, key=lambda r: r["decode_tok_s"]) if fulls else None  # "best full" so far
+            r = results[spec]
+
             def ratio(key: str) -> str:
                 return "n/a" if base is None or not base[key] or r[key] is None else f"{r[key] / base[key]:.3f}"
             peak = "not measured" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.1f}"
-            print(" | ".join([str(length), m, f"{r['prefill_ms']:.1f}", f"{r['ttft_ms']:.1f}",
+            print(" | ".join([str(length), spec, f"{r['prefill_ms']:.1f}", f"{r['ttft_ms']:.1f}",
                               f"{r['decode_tok_s']:.1f}", ratio("decode_tok_s"), f"{r['itl_p50_ms']:.2f}",
                               f"{r['itl_p99_ms']:.2f}", f"{r['kv_bytes'] / 2**20:.2f}", ratio("kv_bytes"), peak,
-                              ratio("peak_bytes") if r["peak_bytes"] is not None else "n/a"]))
-
+                              ratio("peak_bytes") if r["peak_bytes"] is not None else "n/a"]), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -35,7 +35,7 @@ from arkv_bench.cache.adakv import HEAD_BUDGETS, HeadBudgets
 from arkv_bench.cache.base import BenchCache
 from arkv_bench.cache.quantize import fp8_quantize
 from arkv_bench.cache.scoring import POOLINGS, heavy_hitter_score, oq_ratios, oq_score
-from arkv_bench.cache.store import (SlotLayer, compact_index, pooled_score, quantize_into, rank_by_position,
+from arkv_bench.cache.store import (SlotLayer, compact_index, lowest, pooled_score, quantize_into, rank_by_position,
                                     take_or_empty, take_slots)
 
 PAPER = {"tau1": 7.7744, "tau2": 5.4070, "tau3": 5.5277, "gamma": 263.81, "pooling": "avg", "kernel_size": 5}
@@ -114,9 +114,9 @@ class ArkvLayer(HeadBudgets, SlotLayer):
         n_o, m = self.pos.shape[-1], self.slack + 1
         candidates = self.live(self.pos) & ~self.protected_t(self.pos) & ~evicted[..., :n_o]
         n_move = (candidates.sum(dim=-1) - self.origin_budget.view(-1, 1)).clamp(0, m)
-        lowest = score[..., :n_o].masked_fill(~candidates, float("inf")).topk(m, dim=-1, largest=False).indices
-        move = torch.arange(m, device=lowest.device) < n_move.unsqueeze(-1)
-        quantize_into(self, lowest, move)
+        src = lowest(score[..., :n_o].masked_fill(~candidates, float("inf")), m)
+        move = torch.arange(m, device=src.device) < n_move.unsqueeze(-1)
+        quantize_into(self, src, move)
 
     def rebuild(self, score: torch.Tensor) -> None:
         """The first quantization event (and every event with adaptive heads), eagerly: keep the best

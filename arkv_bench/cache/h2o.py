@@ -50,9 +50,6 @@ class H2OLayer(SlotLayer):
     def grow_extras(self, extra: int) -> None:
         self.acc = torch.cat([self.acc, empty_like_slots(self.acc, extra)], dim=2)
 
-    def needs_probs(self) -> bool:
-        return True
-
     def after_decode(self, query: torch.Tensor, probs: torch.Tensor) -> None:
         self.add(probs)
         if self.evicting:

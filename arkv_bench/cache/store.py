@@ -32,7 +32,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from arkv_bench.cache.attention import mark_pending
 from arkv_bench.cache.base import NOT_PREPARED, TokenLayer, tensor_bytes
@@ -118,10 +117,15 @@ def take_or_empty(x: torch.Tensor, idx: torch.Tensor, fill: float | int = 0) -> 
     return taken.masked_fill(empty, fill)
 
 
+def lowest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [..., k] of the k smallest values of the last dimension (k = 1: a fusable argmin)."""
+    return x.argmin(dim=-1, keepdim=True) if k == 1 else x.topk(k, dim=-1, largest=False).indices
+
+
 def position_order(pos: torch.Tensor) -> torch.Tensor:
     """Slot indices [B, H, N] in position order, empty slots last."""
     key = torch.where(pos >= 0, pos, torch.iinfo(pos.dtype).max)
-    return key.argsort(dim=-1, stable=True)
+    return key.argsort(dim=-1)  # live positions are distinct: only empty slots tie, and they score 0
 
 
 def rank_by_position(score: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -239,7 +243,7 @@ class SlotLayer(TokenLayer):
         """Write q new tokens into empty Original slots (the q smallest positions: empty is -1)."""
         q = key_states.shape[2]
         self.seen_t.add_(q)
-        slots = self.pos.topk(q, dim=-1, largest=False).indices if q > 1 else self.pos.argmin(dim=-1, keepdim=True)
+        slots = lowest(self.pos, q)
         new_pos = (self.seen_t - q + torch.arange(q, device=self.pos.device, dtype=torch.int32)).expand_as(slots)
         scatter_slots(self.keys, slots, key_states)
         scatter_slots(self.values, slots, value_states)
@@ -279,7 +283,7 @@ class SlotLayer(TokenLayer):
         pos_all = self.all_positions()
         score = score.masked_fill(self.protected_t(pos_all), float("inf")).masked_fill(~self.live(pos_all), float("-inf"))
         n_evict = pos_all.shape[-1] - (self.cache_size - self.slack)
-        victims = score.topk(n_evict, dim=-1, largest=False).indices
+        victims = lowest(score, n_evict)
         evicted = torch.zeros_like(pos_all, dtype=torch.bool).scatter_(-1, victims, True)
         n_o = self.pos.shape[-1]
         self.pos.masked_fill_(evicted[..., :n_o], -1)
@@ -302,25 +306,9 @@ class SlotLayer(TokenLayer):
             return super().attend(module, query, key, value, attention_mask, **kwargs)
         self._awaiting_attention = False
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        if self.pos_q is None and not self.needs_probs():
-            out, probs = fused(type(self).sdpa_attention, self, query, scaling), None
-        else:
-            out, probs = fused(type(self).slot_attention, self, query, scaling)
+        out, probs = fused(type(self).slot_attention, self, query, scaling)
         fused(type(self).after_decode, self, query, probs)
         return out, None
-
-    def needs_probs(self) -> bool:
-        """Whether this step's method work needs the attention weights (else SDPA runs alone)."""
-        return self.evicting
-
-    def sdpa_attention(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        """SDPA over the Original slots, each KV head with its query group as rows: [B, q, Hq, D]."""
-        b, hq, q, d = query.shape
-        hkv = self.keys.shape[1]
-        grouped = query.reshape(b, hkv, (hq // hkv) * q, d)
-        allowed = self.slot_allowed(q).repeat(1, 1, hq // hkv, 1) if q > 1 else self.slot_allowed(q)
-        out = F.scaled_dot_product_attention(grouped, self.keys, self.values, attn_mask=allowed, scale=scaling)
-        return out.view(b, hq, q, d).transpose(1, 2)
 
     def after_attention(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         """Dense phase: accumulate what the method needs from this chunk; after the last one, select."""
@@ -354,7 +342,7 @@ class SlotLayer(TokenLayer):
         if self.pos_q is not None:
             weights = probs[..., n_o:] * self.v_scale.view(b, hkv, 1, -1)
             out = out + torch.matmul(weights.to(query.dtype), self.vq.to(query.dtype))
-        out = out.view(b, hq, q, d).transpose(1, 2)
+        out = out.reshape(b, hq, q, d).transpose(1, 2)
         return out, probs.view(b, hq, q, -1)
 
     def slot_allowed(self, q: int) -> torch.Tensor:
@@ -366,9 +354,8 @@ class SlotLayer(TokenLayer):
         q_pos = self.seen_t - q + torch.arange(q, device=pos.device, dtype=pos.dtype)
         return live & (pos.unsqueeze(-2) <= q_pos.view(1, 1, -1, 1))
 
-    def after_decode(self, query: torch.Tensor, probs: torch.Tensor | None) -> None:
-        """Method hook after a decode forward's attention (probs: None when `needs_probs` said so):
-        evict by `decode_score` when over budget."""
+    def after_decode(self, query: torch.Tensor, probs: torch.Tensor) -> None:
+        """Method hook after a decode forward's attention: evict by `decode_score` when over budget."""
         if self.evicting:
             self.evict(self.decode_score(probs))
 
@@ -400,7 +387,7 @@ def quantize_into(layer: SlotLayer, src: torch.Tensor, move: torch.Tensor) -> No
     """Move Original slots `src` [B, H, m] to empty Quantized slots where `move` [B, H, m] (bool):
     only these tokens are quantized; the source slots become empty."""
     m = src.shape[-1]
-    dst = layer.pos_q.topk(m, dim=-1, largest=False).indices  # empty Quantized slots (-1) come first
+    dst = lowest(layer.pos_q, m)  # empty Quantized slots (-1) come first
     kq, ks = fp8_quantize(take_slots(layer.keys, src))
     vq, vs = fp8_quantize(take_slots(layer.values, src))
     scatter_slots(layer.kq, dst, kq)

@@ -26,10 +26,7 @@ class WindowLayer(SlotLayer):
         keep = self.keep_best(self.recency(self.pos), self.pos) if self.over_budget() else self.live(self.pos)
         self.build_store(keep)
 
-    def needs_probs(self) -> bool:
-        return False
-
-    def decode_score(self, probs: torch.Tensor | None) -> torch.Tensor:
+    def decode_score(self, probs: torch.Tensor) -> torch.Tensor:
         return self.recency(self.pos)
 
 
