@@ -104,11 +104,15 @@ def extend(model: PreTrainedModel, tokens: torch.Tensor, attention_mask: torch.T
     return out.logits, attention_mask
 
 
+WARMED: set[tuple] = set()  # (model, step plan, store shapes) already run once in this process
+
+
 class Decoder:
     """Greedy decode steps of one batch, on fixed buffers: the token fed, its position, the mask,
     the rows that hit EOS. With `graphs` (CUDA), each step plan the cache reports (cache.plan) is run
-    eagerly once (which also warms it up), then captured in a CUDA graph and replayed; a step the
-    cache cannot plan (a store grows, a method's one-off event) runs eagerly."""
+    eagerly the first time the process meets it (which compiles and warms it up), then captured in a
+    CUDA graph and replayed; a step the cache cannot plan (a store grows, a method's one-off event)
+    runs eagerly."""
 
     def __init__(self, model: PreTrainedModel, cache: BenchCache, first: torch.Tensor, attention_mask: torch.Tensor,
                  eos: torch.Tensor, new_tokens: int, graphs: bool):
@@ -120,7 +124,6 @@ class Decoder:
         self.mask = attention_mask  # grows each step when the cache has no fixed mask
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] | None = \
             {} if graphs and self.fixed_mask is not None else None
-        self.warm: set[tuple] = set()
         self.pool = torch.cuda.graph_pool_handle() if self.graphs is not None else None
 
     def forward(self) -> torch.Tensor:
@@ -149,8 +152,9 @@ class Decoder:
             return out
         Fusion.on = True  # the step's store methods run compiled (inductor) from here on
         try:
-            if key not in self.warm:  # first time: eagerly, on a side stream (the warm-up capture needs)
-                self.warm.add(key)
+            signature = (id(self.model), key[1:], self.cache.shapes())
+            if signature not in WARMED:  # first time in this process: eagerly (compiles, initialises)
+                WARMED.add(signature)
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):

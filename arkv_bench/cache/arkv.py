@@ -128,7 +128,11 @@ class ArkvLayer(HeadBudgets, SlotLayer):
         candidates[..., n_o:] = False
         rank = score.masked_fill(~candidates, float("-inf")).argsort(dim=-1, descending=True).argsort(dim=-1)
         to_quant = (candidates & (rank >= self.origin_budget.view(-1, 1, 1)))[..., :n_o]
-        moving = compact_index(to_quant, int(to_quant.sum(dim=-1).max()))
+        m = self.slack + 1
+        uniform = self.head_budget == "uniform"
+        # Uniform heads: the stores' sizes follow from the budgets (no sync); adaptive heads count (syncs).
+        room = self.cache_size - self.slack - self.window_size - self.origin_range[0]  # Quantized, at most
+        moving = compact_index(to_quant, max(room, 0) if uniform else int(to_quant.sum(dim=-1).max()))
         codes_k, scale_k = fp8_quantize(take_slots(self.keys, moving.clamp_min(0)))
         codes_v, scale_v = fp8_quantize(take_slots(self.values, moving.clamp_min(0)))
         new_pos = torch.where(moving >= 0, self.pos.gather(2, moving.clamp_min(0)), -1)
@@ -137,18 +141,13 @@ class ArkvLayer(HeadBudgets, SlotLayer):
             codes_k, codes_v = torch.cat([self.kq, codes_k], dim=2), torch.cat([self.vq, codes_v], dim=2)
             scale_k, scale_v = torch.cat([self.k_scale, scale_k], dim=2), torch.cat([self.v_scale, scale_v], dim=2)
             new_pos = torch.cat([old_pos, new_pos], dim=2)
-        m = self.slack + 1
-        uniform = self.head_budget == "uniform"
-        held_q = int((new_pos >= 0).sum(dim=-1).max())
-        cap_q = max(self.cache_size - self.window_size - self.origin_range[0] + 1, held_q + m) if uniform \
-            else held_q + m
+        cap_q = (max(room, 0) if uniform else int((new_pos >= 0).sum(dim=-1).max())) + m
         idx = compact_index(new_pos >= 0, cap_q)
         self.kq, self.vq = take_or_empty(codes_k, idx), take_or_empty(codes_v, idx)
         self.k_scale, self.v_scale = take_or_empty(scale_k, idx, 1.0), take_or_empty(scale_v, idx, 1.0)
         self.pos_q = take_or_empty(new_pos, idx, -1)
         stay = keep[..., :n_o] & ~to_quant
-        held_o = int(stay.sum(dim=-1).max())
-        cap_o = max(self.window_size + self.origin_range[1], held_o) + m
+        cap_o = (self.window_size + self.origin_range[1] if uniform else int(stay.sum(dim=-1).max())) + m
         idx = compact_index(stay, cap_o)
         self.keys, self.values = take_or_empty(self.keys, idx), take_or_empty(self.values, idx)
         self.pos = take_or_empty(self.pos.masked_fill(~stay, -1), idx, -1)
@@ -179,7 +178,9 @@ class ArkvCache(BenchCache):
         for layer, ratio in zip(layers, ratios):
             layer.ratio = ratio
             layer.origin_budget = torch.round(ratio * (layer.cache_size - layer.window_size)).long()
-            layer.origin_range = (int(layer.origin_budget.min()), int(layer.origin_budget.max()))  # one sync, once
+        ranges = torch.stack([torch.stack([layer.origin_budget.min(), layer.origin_budget.max()]) for layer in layers])
+        for layer, (low, high) in zip(layers, ranges.tolist()):  # one sync, once
+            layer.origin_range = (low, high)
 
     def layer_extra(self, layer_idx: int) -> dict[str, Any]:
         layer = self.layers[layer_idx]

@@ -315,6 +315,11 @@ class BenchCache(Cache):
             return None
         return (sum(layer.epoch for layer in self.layers), *keys)
 
+    def shapes(self) -> tuple:
+        """The shapes of every layer's tensors: a captured step fits a cache of the same shapes."""
+        return tuple(tuple((name, tuple(t.shape)) for name, t in sorted(vars(layer).items())
+                           if isinstance(t, torch.Tensor)) for layer in self.layers)
+
     def advance(self, q: int) -> None:
         """The host side of a decode forward that a replayed graph did on the device."""
         for layer in self.layers:

@@ -117,6 +117,21 @@ def take_or_empty(x: torch.Tensor, idx: torch.Tensor, fill: float | int = 0) -> 
     return taken.masked_fill(empty, fill)
 
 
+def codes_product(x: torch.Tensor, codes: torch.Tensor, fused: bool) -> torch.Tensor:
+    """x [B, H, R, D] . FP8 codes [B, H, C, D]^T -> [B, H, R, C]. Compiled (`fused`), as a reduction that
+    reads the codes once (no dequantized copy of the store); eager, a matmul on a converted copy."""
+    if fused:
+        return (x.float().unsqueeze(-2) * codes.float().unsqueeze(-3)).sum(dim=-1)
+    return torch.matmul(x, codes.to(x.dtype).transpose(-1, -2))
+
+
+def codes_weighted(weights: torch.Tensor, codes: torch.Tensor, fused: bool) -> torch.Tensor:
+    """weights [B, H, R, C] (float32) @ FP8 codes [B, H, C, D] -> [B, H, R, D] float32, as codes_product."""
+    if fused:
+        return (weights.unsqueeze(-1) * codes.float().unsqueeze(-3)).sum(dim=-2)
+    return torch.matmul(weights, codes.float())
+
+
 def lowest(x: torch.Tensor, k: int) -> torch.Tensor:
     """Indices [..., k] of the k smallest values of the last dimension (k = 1: a fusable argmin)."""
     return x.argmin(dim=-1, keepdim=True) if k == 1 else x.topk(k, dim=-1, largest=False).indices
@@ -330,8 +345,7 @@ class SlotLayer(TokenLayer):
         grouped = query.reshape(b, hkv, (hq // hkv) * q, d)
         logits = torch.matmul(grouped, self.keys.transpose(-1, -2))
         if self.pos_q is not None:
-            codes_k = self.kq.to(query.dtype)
-            logits_q = torch.matmul(grouped, codes_k.transpose(-1, -2)) * self.k_scale.view(b, hkv, 1, -1)
+            logits_q = codes_product(grouped, self.kq, Fusion.on) * self.k_scale.view(b, hkv, 1, -1)
             logits = torch.cat([logits.float(), logits_q.float()], dim=-1)
         logits = logits.float().view(b, hkv, hq // hkv, q, -1) * scaling
         allowed = self.slot_allowed(q)
@@ -341,7 +355,7 @@ class SlotLayer(TokenLayer):
         out = torch.matmul(probs[..., :n_o].to(query.dtype), self.values)
         if self.pos_q is not None:
             weights = probs[..., n_o:] * self.v_scale.view(b, hkv, 1, -1)
-            out = out + torch.matmul(weights.to(query.dtype), self.vq.to(query.dtype))
+            out = out + codes_weighted(weights, self.vq, Fusion.on).to(query.dtype)
         out = out.reshape(b, hq, q, d).transpose(1, 2)
         return out, probs.view(b, hq, q, -1)
 
