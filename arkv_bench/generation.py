@@ -104,7 +104,7 @@ def extend(model: PreTrainedModel, tokens: torch.Tensor, attention_mask: torch.T
     return out.logits, attention_mask
 
 
-WARMED: set[tuple] = set()  # (model, step plan, store shapes) already run once in this process
+WARMED: set[tuple] = set()  # (model, method, options, step plan, shapes) already run once in this process
 
 
 class Decoder:
@@ -152,7 +152,8 @@ class Decoder:
             return out
         Fusion.on = True  # the step's store methods run compiled (inductor) from here on
         try:
-            signature = (id(self.model), key[1:], self.cache.shapes())
+            signature = (id(self.model), type(self.cache), repr(sorted(self.cache.options.items())), key[1:],
+                         self.cache.shapes())
             if signature not in WARMED:  # first time in this process: eagerly (compiles, initialises)
                 WARMED.add(signature)
                 side = torch.cuda.Stream()

@@ -101,7 +101,17 @@ def test_full_static_equals_full(llama):
     assert static.tokens == full.tokens
 
 
-@pytest.mark.parametrize("label", ["mix", "h2o", "window", "quant", "snapkv"])
+@pytest.mark.parametrize("label", ["mix", "origin"])
+def test_the_step_that_assigns_arkv_budgets_runs_eagerly(llama, label):
+    """ARKV's Original budgets need every layer's OQ score, so the first decoding forward assigns them on
+    the host: that step must not be replayed from a graph (its plan is None), the later ones may."""
+    ids = prompt_ids(100)
+    cache = build(label, llama)
+    plans = [cache.plan(1) for _ in decode_steps(llama, cache, ids, torch.ones_like(ids), 2)]
+    assert plans[0] is None and plans[2] is not None
+
+
+@pytest.mark.parametrize("label", ["mix", "origin", "h2o", "window", "quant", "snapkv"])
 def test_steady_steps_have_one_plan_and_no_host_sync(llama, label, monkeypatch):
     """After the first events, every step has the same plan (one captured graph replays them all), and
     the step reads nothing back from the device."""

@@ -169,6 +169,11 @@ class ArkvCache(BenchCache):
             self._assign_origin_budgets()
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    def plan(self, q: int) -> tuple | None:
+        if self.layers[0].origin_budget is None:
+            return None  # the next forward assigns the Original budgets (host work, once): eagerly
+        return super().plan(q)
+
     def _assign_origin_budgets(self) -> None:
         """Once every layer has its OQ score: r_l = OQ_l / max over ALL layers, origin_l = round(r_l (C - W))."""
         layers = self.layers
