@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from arkv_bench.cache import make_cache
+from arkv_bench.cache.store import Fusion
 from arkv_bench.generation import Decoder, chunk_bounds, extend, greedy_generate, left_pad, prefill
 from tests.conftest import DEVICE, prompt_ids
 
@@ -156,3 +157,26 @@ def test_chunk_bounds_keep_the_last_chunk_whole():
     assert chunk_bounds(100, 40) == [(0, 20), (20, 60), (60, 100)]
     assert chunk_bounds(80, 40) == [(0, 40), (40, 80)]
     assert chunk_bounds(30, 40) == [(0, 30)]
+
+
+@pytest.mark.parametrize("label", ["mix", "quant"])
+def test_compiled_step_methods_trace_whole_and_equal_eager(llama, label, monkeypatch):
+    """On CUDA the store's step methods run compiled (Fusion): each must trace as one graph (no host
+    value read) and give the eager tokens. Checked here with a CPU backend that only traces."""
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="aot_eager", **kw))
+    monkeypatch.setattr(Fusion, "compiled", {})
+    tokens = []
+    for fuse in (False, True):
+        ids = prompt_ids(150)
+        cache = build(label, llama)
+        out = []
+        for step, decoder in enumerate(decode_steps(llama, cache, ids, torch.ones_like(ids), 8)):
+            if step < 8:
+                Fusion.on = fuse and cache.plan(1) is not None
+                try:
+                    out.append(decoder.step().item())
+                finally:
+                    Fusion.on = False
+        tokens.append(out)
+    assert not Fusion.broken and tokens[0] == tokens[1]

@@ -15,7 +15,7 @@ allocated; `stats()` adds `kv_bytes_unpadded`, what a layout without padding (e.
 varlen kernel's) would need, and each layer's `padding_slots`.
 
 The same allocation is the `head_budget="adaptive"` option of `mix` (ARKV): see
-`HeadBudgets`, which any `TokenLayer` subclass can mix in.
+`HeadBudgets`, which any `SlotLayer` subclass can mix in.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def adaptive_allocation(score: torch.Tensor, share: torch.Tensor, alpha: float) 
 
 
 class HeadBudgets:
-    """Mixin for `TokenLayer` subclasses: `head_budget` "uniform" (`cache_size` per head, the base
+    """Mixin for `SlotLayer` subclasses: `head_budget` "uniform" (`cache_size` per head, the base
     behaviour) or "adaptive" (AdaKV: `cache_size x heads` per layer, split by score, safeguard `alpha`)."""
 
     head_budget = "uniform"
@@ -100,13 +100,7 @@ class HeadBudgets:
         if self.head_budget == "uniform":
             return super().evict(score)
         pos = self.all_positions()
-        evicted = ~self.keep_best(score, pos) & (pos >= 0)
-        n_o = self.pos.shape[-1]
-        self.pos.masked_fill_(evicted[..., :n_o], -1)
-        if self.pos_q is not None:
-            self.pos_q.masked_fill_(evicted[..., n_o:], -1)
-        self.triggered = True
-        return evicted
+        return self.empty_slots(~self.keep_best(score, pos) & (pos >= 0))
 
 
 class AdaKVLayer(HeadBudgets, SnapKVLayer):

@@ -103,14 +103,18 @@ class TokenLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.begin_update(key_states, value_states)
+        self.append(key_states, value_states)
+        return self.view()
+
+    def begin_update(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Start of update(): allocate on first use, and mark the layer as waiting for its attention call."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self._awaiting_attention:
             raise RuntimeError(NOT_PREPARED)
-        self.append(key_states, value_states)
         self._awaiting_attention = True
         mark_pending(self)
-        return self.view()
 
     def get_seq_length(self) -> int:
         return self.seen

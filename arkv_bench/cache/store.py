@@ -33,8 +33,7 @@ from typing import Any
 
 import torch
 
-from arkv_bench.cache.attention import mark_pending
-from arkv_bench.cache.base import NOT_PREPARED, TokenLayer, tensor_bytes
+from arkv_bench.cache.base import TokenLayer, tensor_bytes
 from arkv_bench.cache.quantize import FP8_DTYPE, fp8_quantize
 from arkv_bench.cache.scoring import heavy_hitter_score
 
@@ -188,12 +187,7 @@ class SlotLayer(TokenLayer):
     # --- transformers' layer interface ------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if self._awaiting_attention:
-            raise RuntimeError(NOT_PREPARED)
-        self._awaiting_attention = True
-        mark_pending(self)
+        self.begin_update(key_states, value_states)
         if not self.stored:
             self.append(key_states, value_states)
             return self.keys, self.values
@@ -210,10 +204,6 @@ class SlotLayer(TokenLayer):
         return super().get_mask_sizes(query_length)
 
     # --- host-side plan of a decode forward -------------------------------------------------
-    def capacity(self) -> int:
-        """All slots, Original and Quantized."""
-        return self.pos.shape[-1] + (0 if self.pos_q is None else self.pos_q.shape[-1])
-
     def original_room(self) -> int:
         """Empty Original slots guaranteed (a new token always goes to the Original store)."""
         return self.pos.shape[-1] - self.held_original()
@@ -299,7 +289,10 @@ class SlotLayer(TokenLayer):
         score = score.masked_fill(self.protected_t(pos_all), float("inf")).masked_fill(~self.live(pos_all), float("-inf"))
         n_evict = pos_all.shape[-1] - (self.cache_size - self.slack)
         victims = lowest(score, n_evict)
-        evicted = torch.zeros_like(pos_all, dtype=torch.bool).scatter_(-1, victims, True)
+        return self.empty_slots(torch.zeros_like(pos_all, dtype=torch.bool).scatter_(-1, victims, True))
+
+    def empty_slots(self, evicted: torch.Tensor) -> torch.Tensor:
+        """Mark the slots of [Original, Quantized] in `evicted` [B, H, N] empty; returns it."""
         n_o = self.pos.shape[-1]
         self.pos.masked_fill_(evicted[..., :n_o], -1)
         if self.pos_q is not None:
@@ -378,9 +371,6 @@ class SlotLayer(TokenLayer):
         raise NotImplementedError
 
     # --- what the layer holds -------------------------------------------------------------------
-    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.keys, self.values
-
     def view_positions(self) -> torch.Tensor:
         return self.pos
 
