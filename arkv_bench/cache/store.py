@@ -228,10 +228,12 @@ class SlotLayer(TokenLayer):
         self.held = self.cache_size - self.slack if self.evicting else self.held + q
 
     def make_room(self, q: int) -> None:
-        """Eager path: grow the Original store so that q new tokens fit."""
+        """Eager path: grow the Original store so that q new tokens fit (a store that evicts back to its
+        budget needs exactly that; one that keeps growing gets GROW slots more, when nothing is reserved)."""
         missing = q - self.original_room()
         if missing > 0:
-            self.grow_original(missing + (0 if self.reserve else GROW))
+            evicts = self.decode_evicts and self.cache_size is not None
+            self.grow_original(missing + (0 if self.reserve or evicts else GROW))
 
     def grow_original(self, extra: int) -> None:
         self.keys = torch.cat([self.keys, empty_like_slots(self.keys, extra)], dim=2)
