@@ -30,12 +30,13 @@ from dataclasses import dataclass, replace
 
 import torch
 from transformers import PreTrainedModel
+from transformers.cache_utils import CacheLayerMixin
 
 from arkv_bench.cache import METHODS, BenchCache, prepare_model
 from arkv_bench.cache.base import FullLayer
 from arkv_bench.cache.h2o import H2OLayer
 from arkv_bench.cache.store import SlotLayer
-from arkv_bench.generation import Generation, chunk_bounds, clock, greedy_generate
+from arkv_bench.generation import Generation, clock, default_prefill_chunk, greedy_generate, prefill
 
 
 @dataclass(frozen=True)
@@ -65,16 +66,29 @@ class PrefixRecord:
         return self.input_ids.shape[1] - self.split
 
 
-class _RecordCache(BenchCache):
-    """Dense layers that never select (their prefill stays open); H2O's layer when the attention
-    must be accumulated, so the sums are the ones H2O's own prefill would make."""
+class _Recording:
+    """Mixin for a slot layer: stays dense after the prefix's last forward (selecting is each
+    configuration's job, after its tail)."""
 
+    def end_prefill(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        pass
+
+
+class _RecordLayer(_Recording, SlotLayer):
+    """The slot layer's dense prefill, nothing else."""
+
+
+class _RecordH2OLayer(_Recording, H2OLayer):
+    """Also sums the attention every token receives, as H2O's own prefill does."""
+
+
+class _RecordCache(BenchCache):
     method = "prefix-record"
     budgeted = False
     defaults = {"cache_size": None, "window_size": 1}
 
     def __init__(self, num_layers: int, accumulate: bool):
-        self.layer_class = H2OLayer if accumulate else SlotLayer
+        self.layer_class = _RecordH2OLayer if accumulate else _RecordLayer
         super().__init__(num_layers)
 
 
@@ -90,38 +104,31 @@ def needs_accumulated(methods: Iterable[str]) -> bool:
     return any(issubclass(METHODS[m].layer_class, H2OLayer) for m in methods)
 
 
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.cumsum(-1) - 1).clamp_min(0)
-
-
 @torch.inference_mode()
 def record_prefix(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, tail: int,
-                  prefill_chunk: int = 0, accumulate: bool = False) -> PrefixRecord:
+                  prefill_chunk: int | None = None, accumulate: bool = False) -> PrefixRecord:
     """Run all but the last `tail` tokens (per row, of the padded width) through the model once,
-    `prefill_chunk` tokens at a time (0: one pass), and keep each layer's dense state. `tail` must be
-    at least the largest `window_size` of the sweep; a prompt no longer than `tail` records nothing
-    (each configuration then runs the whole prompt). `accumulate`: keep H2O's attention sums too."""
+    `prefill_chunk` tokens at a time (0: one pass; default: greedy_generate's), and keep each layer's
+    dense state. `tail` must be at least the largest `window_size` of the sweep; a prompt no longer than
+    `tail` records nothing (each configuration then runs the whole prompt). `accumulate`: keep H2O's
+    attention sums too."""
     if tail < 1:
         raise ValueError(f"tail must be a positive token count, got {tail}")
     prepare_model(model)
     device = input_ids.device
     split = max(input_ids.shape[1] - tail, 0)
+    prefill_chunk = default_prefill_chunk(device) if prefill_chunk is None else prefill_chunk
     t0 = clock(device)
     cache = _RecordCache(model.config.get_text_config().num_hidden_layers, accumulate)
     if split:
-        positions = _positions(attention_mask)
-        cache.set_prompt_mask(attention_mask)
-        cache.set_prefill_open(True)
-        for a, b in chunk_bounds(split, prefill_chunk):
-            model(input_ids=input_ids[:, a:b], attention_mask=attention_mask[:, :b], position_ids=positions[:, a:b],
-                  past_key_values=cache, use_cache=True, logits_to_keep=1)
+        prefill(model, input_ids[:, :split], attention_mask[:, :split], cache, prefill_chunk)
     forward_s = clock(device) - t0
     layers = [LayerPrefix(layer.keys, layer.values, layer.pos, layer.acc if accumulate else None)
               for layer in cache.layers] if split else []
     return PrefixRecord(input_ids, attention_mask, split, layers, forward_s)
 
 
-def _adopt(layer: object, prefix: LayerPrefix) -> None:
+def _adopt(layer: CacheLayerMixin, prefix: LayerPrefix) -> None:
     """Give a fresh dense layer the recorded prefix (by reference: the layer's next update
     concatenates, so the record is never written)."""
     if layer.is_initialized:
@@ -146,7 +153,8 @@ def _check(record: PrefixRecord, cache: BenchCache) -> None:
         raise ValueError(f"{cache.method}: the recorded tail ({record.tail} tokens) is shorter than window_size "
                          f"({window}): record the prefix with tail >= {window}")
     if record.layers and isinstance(cache.layers[0], H2OLayer) and record.layers[0].acc is None:
-        raise ValueError(f"{cache.method} scores with the accumulated attention: record the prefix with accumulate=True")
+        raise ValueError(f"{cache.method} scores with the accumulated attention: "
+                         "record the prefix with accumulate=True")
 
 
 @torch.inference_mode()
@@ -159,7 +167,8 @@ def prefill_from(model: PreTrainedModel, record: PrefixRecord, cache: BenchCache
         _adopt(layer, prefix)
     cache.set_prompt_mask(mask)
     cache.set_prefill_open(False)
-    out = model(input_ids=ids[:, record.split:], attention_mask=mask, position_ids=_positions(mask)[:, record.split:],
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # as generation.prefill gives them
+    out = model(input_ids=ids[:, record.split:], attention_mask=mask, position_ids=positions[:, record.split:],
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1, :]
 
