@@ -15,7 +15,8 @@ its own cache, which then compresses exactly as in a separate run:
 
 A configuration's prefill time (and TTFT) is the shared forward plus its own part, the tail's
 forward and the compression: `gen.prefill_s` includes both, `gen.shared_prefill_s` is the
-shared one. The record is read, never written: every cache concatenates onto it.
+shared one. H2O's accumulation over the prefix (recorded only when H2O is in the sweep) is timed
+apart and counted in H2O's shared part only. The record is read, never written: every cache concatenates onto it.
 
 Exactness: the prefix runs in the chunks `generation.prefill` would use with
 `prefill_chunk=tail` (chunk_bounds), so `prefill_chunk=tail` in both gives bit-identical runs;
@@ -52,14 +53,20 @@ class LayerPrefix:
 
 @dataclass(frozen=True)
 class PrefixRecord:
-    """The prompt, where its tail starts (`split`, in the padded width), each layer's prefix, and
-    the seconds the prefix's forward took."""
+    """The prompt, where its tail starts (`split`, in the padded width), each layer's prefix, the
+    seconds the prefix's forward took and, of them, the seconds spent accumulating H2O's attention."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     split: int
     layers: list[LayerPrefix]
     forward_s: float
+    accumulate_s: float = 0.0
+
+    def shared_s(self, cache: BenchCache) -> float:
+        """The part of the prefix's forward that `cache`'s method would have run: all of it for H2O,
+        the forward without the accumulation for the others."""
+        return self.forward_s - (0.0 if isinstance(cache.layers[0], H2OLayer) else self.accumulate_s)
 
     @property
     def tail(self) -> int:
@@ -79,7 +86,15 @@ class _RecordLayer(_Recording, SlotLayer):
 
 
 class _RecordH2OLayer(_Recording, H2OLayer):
-    """Also sums the attention every token receives, as H2O's own prefill does."""
+    """Also sums the attention every token receives, as H2O's own prefill does, and times that work:
+    it is H2O's own cost, not the shared forward's."""
+
+    accumulate_s = 0.0
+
+    def accumulate(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        t0 = clock(query.device)
+        super().accumulate(query, key, scaling)
+        self.accumulate_s += clock(query.device) - t0
 
 
 class _RecordCache(BenchCache):
@@ -125,7 +140,8 @@ def record_prefix(model: PreTrainedModel, input_ids: torch.Tensor, attention_mas
     forward_s = clock(device) - t0
     layers = [LayerPrefix(layer.keys, layer.values, layer.pos, layer.acc if accumulate else None)
               for layer in cache.layers] if split else []
-    return PrefixRecord(input_ids, attention_mask, split, layers, forward_s)
+    accumulate_s = sum(getattr(layer, "accumulate_s", 0.0) for layer in cache.layers)
+    return PrefixRecord(input_ids, attention_mask, split, layers, forward_s, accumulate_s)
 
 
 def _adopt(layer: CacheLayerMixin, prefix: LayerPrefix) -> None:
@@ -177,8 +193,8 @@ def generate_from(model: PreTrainedModel, record: PrefixRecord, cache: BenchCach
                   eos_ids: Sequence[int] = (), should_stop: Callable[[list[int]], bool] | None = None,
                   compile: bool | None = None) -> Generation:
     """greedy_generate's decoding after `prefill_from`. prefill_s and ttft_s include the shared forward
-    (`record.forward_s`, also in shared_prefill_s), so they read as a separate run's."""
+    (`record.shared_s(cache)`, also in shared_prefill_s), so they read as a separate run's."""
     gen = greedy_generate(model, record.input_ids, record.attention_mask, cache, max_new_tokens, eos_ids, should_stop,
                           compile, run_prompt=lambda: prefill_from(model, record, cache))
-    shared = record.forward_s
+    shared = record.shared_s(cache)
     return replace(gen, prefill_s=gen.prefill_s + shared, ttft_s=gen.ttft_s + shared, shared_prefill_s=shared)
