@@ -68,6 +68,15 @@ def test_one_pass_prefix_matches_a_one_pass_prefill(method):
     assert shared.kv_bytes == separate.kv_bytes
 
 
+@pytest.mark.parametrize("method", ["mix", "h2o", "adakv", "quant"])
+def test_a_row_inside_the_tail(llama, method):
+    """A left-padded row whose real tokens all lie in the tail: its prefix is padding only."""
+    ids, mask = left_pad([prompt_ids(130, seed=1)[0].tolist(), prompt_ids(10, seed=2)[0].tolist()], 0, DEVICE)
+    record = record_prefix(llama, ids, mask, tail=TAIL, prefill_chunk=TAIL, accumulate=True)
+    assert_same_run(generate_from(llama, record, build(method, llama, 48), NEW),
+                    greedy_generate(llama, ids, mask, build(method, llama, 48), NEW, prefill_chunk=TAIL))
+
+
 def test_the_record_is_never_written(llama, records):
     record = records[2]
     before = [[t.clone() for t in (p.keys, p.values, p.pos, p.acc)] for p in record.layers]
