@@ -114,4 +114,5 @@ def test_embedded_model_on_hamlet():
     ids = ppl.input_ids(tok, sample, model)
     assert full["nll"] == pytest.approx(one_pass_nll(model, ids), abs=1e-4)
     window = ppl.evaluate(model, tok, sample, make_cache("window", model.config, cache_size=64, window_size=16))
-    assert window["ppl"] > full["ppl"] and window["compressed"] and window["kv_bytes"] < full["kv_bytes"] / 3
+    # the store holds the budget plus room for one 96-token chunk: (64 + 96) / 384 of the full cache, and a position each
+    assert window["ppl"] > full["ppl"] and window["compressed"] and window["kv_bytes"] < full["kv_bytes"] * 0.45
