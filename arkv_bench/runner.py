@@ -9,12 +9,13 @@ of the same command carries on where it stopped. Every suite runs through the sa
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +179,7 @@ def open_run(opts: RunOptions, out: Path, run_name: str | None, info: dict[str, 
     folder = check_run_folder(opts, out, run_name)
     # the documented keys (docs/results-format.md) on top; "options" is what a resume must match
     config = {"run_name": folder.name, "suite": opts.suite, "tasks": list(chats), "quant_types": opts.quant_types,
-              "cache_sizes": opts.cache_sizes, "window_size": opts.window_size,
+              "cache_sizes": opts.cache_sizes, "protocols": opts.protocols, "window_size": opts.window_size,
               "method_options": opts.method_options, "model": info["model"], "limit": opts.limit,
               "batch_size": opts.batch_size, "seed": opts.seed, "device": info["device"], "dtype": info["dtype"],
               "attn_implementation": "arkv (SDPA inside)", "weights_bytes": info.get("weights_bytes"),
@@ -198,19 +199,27 @@ def open_run(opts: RunOptions, out: Path, run_name: str | None, info: dict[str, 
 
 # --- the loop ------------------------------------------------------------------------------------
 
-def _records_of(log: SampleLog, suite: Suite, method: str, size: int | float | None) -> list[dict[str, Any]]:
+def _records_of(log: SampleLog, suite: Suite, method: str, size: int | float | None, protocol: str
+                ) -> list[dict[str, Any]]:
     key = "" if size is None else str(size)
-    return [r for r in log.records if r.get("suite") == suite.name and record_key(r)[2:] == (method, key)]
+    return [r for r in log.records if r.get("suite") == suite.name and record_key(r)[2:] == (method, key, protocol)]
+
+
+def protocol_contexts(ctx: Context) -> Iterator[Context]:
+    """The run's context once per protocol (--protocol), each a separate configuration."""
+    for protocol in ctx.opts.protocols:
+        yield replace(ctx, protocol=protocol, contexts={})
 
 
 def progress_counts(ctx: Context, suite: Suite, tasks: list[Task], log: SampleLog) -> tuple[int, int]:
     """(progress steps of the whole run, steps already in the log)."""
     total = pending = 0
     for task in tasks:
-        for method, size in configurations(ctx.opts):
-            total += suite.units(task)
-            pending += sum(b.units for b in suite.batches(ctx, task, method, size,
-                                                          _records_of(log, suite, method, size)))
+        for pctx in protocol_contexts(ctx):
+            for method, size in configurations(ctx.opts):
+                total += suite.units(task)
+                pending += sum(b.units for b in suite.batches(pctx, task, method, size,
+                                                              _records_of(log, suite, method, size, pctx.protocol)))
     return total, total - pending
 
 
@@ -258,26 +267,28 @@ def execute(run: Run, progress: Callable[[str, int], None] | None = None) -> lis
     prepare_model(ctx.model)
     warmed: set[tuple[str, int | float | None]] = set()
     for task in run.tasks:
-        for method, size in configurations(ctx.opts):
-            todo = suite.batches(ctx, task, method, size, _records_of(log, suite, method, size))
+        for pctx, (method, size) in itertools.product(protocol_contexts(ctx), configurations(ctx.opts)):
+            todo = suite.batches(pctx, task, method, size, _records_of(log, suite, method, size, pctx.protocol))
             if not todo:
                 continue
             if (method, size) not in warmed:
                 warm_up(ctx, method, size)
                 warmed.add((method, size))
-            label = f"{method}@{size if size is not None else '-'} {task.name}"
+            several = len(ctx.opts.protocols) > 1
+            label = f"{method}@{size if size is not None else '-'} {task.name}" + (f" {pctx.protocol}" if several else "")
             for i, batch in enumerate(todo):
                 try:
-                    records = suite.run(ctx, task, batch, method, size)
+                    records = suite.run(pctx, task, batch, method, size)
                 except (torch.OutOfMemoryError, MemoryError):
                     torch.cuda.empty_cache() if torch.cuda.is_available() else None
                     for rest in todo[i:]:
-                        for record in suite.oom(ctx, task, rest, method, size):
+                        for record in suite.oom(pctx, task, rest, method, size):
                             log.append(record)
                     break
                 for record in records:
                     log.append(record)
                 if progress:
                     progress(label, batch.units)
+            pctx.contexts.clear()
             write_summaries(run.folder, ctx.info)
     return write_summaries(run.folder, ctx.info)
