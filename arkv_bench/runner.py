@@ -61,6 +61,9 @@ def validate(opts: RunOptions) -> Suite:
     unknown = [k for k in opts.method_options if not any(k in METHODS[m].defaults for m in opts.quant_types)]
     if unknown:
         raise UsageError(f"no selected method has option {', '.join(unknown)}; see `arkv-bench list` for each method's options")
+    if opts.protocols != ["query-aware"] and not suite.query_agnostic:
+        raise UsageError(f"--suite {suite.name} has no question to hold back from the compressed context, so "
+                         f"--protocol {','.join(opts.protocols)} does not apply: use --protocol query-aware")
     check_caches(opts)
     suite.check(opts)  # last: it may read the data
     return suite

@@ -58,7 +58,7 @@ BAD = {
     "missing text file": (["--suite", "ppl", "--text-file", "/nonexistent/arkv.txt"], ["--text-file", "not a file"]),
     "zero ppl chunk": (["--suite", "ppl", "--ppl-chunk", "0"], ["--ppl-chunk", "at least 1"]),
     "unknown protocol": (["--protocol", "query-aware,blind"], ["unknown protocol 'blind'", "query-agnostic"]),
-    "ppl has no question": (["--suite", "ppl", "--protocol", "query-agnostic"], ["--protocol", "leave it out"]),
+    "ppl has no question": (["--suite", "ppl", "--protocol", "query-agnostic"], ["--suite ppl has no question", "--protocol query-aware"]),
     "unknown ruler task": (["--suite", "ruler", "--tasks", "niah_nope"], ["unknown task", "niah_nope"]),
 }
 

@@ -106,6 +106,7 @@ class Suite(ABC):
     name: ClassVar[str]
     description: ClassVar[str] = ""
     higher_is_better: ClassVar[bool] = True  # False where the score is a loss (perplexity)
+    query_agnostic: ClassVar[bool] = False  # whether its prompts declare a question to hold back (--protocol)
 
     def summary_score(self, records: list[dict[str, Any]]) -> tuple[float | None, float | None]:
         """summary.csv's (score, score_ci95) of one configuration's ok records: the mean in percent."""
@@ -159,6 +160,7 @@ class PromptSuite(Suite):
     """Prompts built from a task's rows, answered by generation or by log-likelihood of choices."""
 
     extra_files: ClassVar[tuple[str, ...]] = ()  # more tasks/*.yaml files whose tasks belong to this suite
+    query_agnostic = True
 
     def load(self, spec: TaskSpec, opts: RunOptions) -> None:
         """Read and check the task's data before the model loads (suites that read data override this)."""

@@ -27,8 +27,7 @@ from transformers import Cache, PreTrainedModel
 from arkv_bench.budgets import budget_for, cache_options
 from arkv_bench.cache import BenchCache, make_cache
 from arkv_bench.generation import clock
-from arkv_bench.options import RunOptions, UsageError
-from arkv_bench.protocols import QUERY_AWARE
+from arkv_bench.options import RunOptions
 from arkv_bench.results import SampleRecord, evicted_quantized, layer_vector
 from arkv_bench.suites.base import Batch, Context, DataError, PromptSuite, Sample, Task
 from arkv_bench.tasks import TaskSpec
@@ -212,10 +211,9 @@ class PerplexitySuite(PromptSuite):
     name = "ppl"
     description = "perplexity of a long text fed in chunks through the compressing cache (offline: Hamlet)"
     higher_is_better = False
+    query_agnostic = False  # no question: the text streams through the cache
 
     def check(self, opts: RunOptions) -> None:
-        if opts.protocols != [QUERY_AWARE]:
-            raise UsageError("--suite ppl has no question, so --protocol does not apply: leave it out")
         for spec in self._selected(opts):
             load_text(spec, _path(opts.text_file), _path(opts.data_dir))
 
