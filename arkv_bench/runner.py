@@ -109,7 +109,8 @@ def load_context(opts: RunOptions) -> Context:
     model, tokenizer, info = load_model(opts.model, opts.device, opts.dtype, opts.trust_remote_code,
                                         attn_implementation="arkv")
     info["weights_bytes"] = weights_bytes(model)
-    ctx = Context(model=model, tokenizer=tokenizer, opts=opts, info=info, eos=eos_ids(model, tokenizer))
+    ctx = Context(model=model, tokenizer=tokenizer, opts=opts, info=info, eos=eos_ids(model, tokenizer),
+                  protocol=opts.protocols[0])  # `run` sets each protocol in turn; `tune` uses the first
     check_caches(opts, model.config, prefix=f"{info['model']}: ")
     return ctx
 
