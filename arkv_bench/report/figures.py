@@ -143,7 +143,8 @@ def score_vs_cache(comparison: Comparison, colors: dict[str | None, str]) -> lis
             item = series.setdefault(label, Series(label, colors.get(row.quant_type, PALETTE[0]),
                                                    dashed=row.protocol != "query-aware"))
             score = float(row.score or 0.0)  # `measured` holds scored rows only
-            tip = f"{row.method}: {score:.1f} ({_pct_text(row, comparison.baseline)})"
+            where = f" · {row.protocol}" if several_protocols else ""
+            tip = f"{row.method}{where}: {score:.1f} ({_pct_text(row, comparison.baseline)})"
             item.points.append((position[row.cache_size], score, tip))
         hlines = [
             HLine(float(r.score), _series_label(r, several_runs, several_protocols))
@@ -208,7 +209,8 @@ def score_vs_memory(comparison: Comparison, colors: dict[str | None, str]) -> li
             )
             memory = float(row.kv_bytes or 0) / size  # `measured` has score and kv_bytes
             score = float(row.score or 0.0)
-            tip = f"{row.method}: score {score:.1f}, KV {fmt_num(memory)} {unit}"
+            where = f" · {row.protocol}" if several_protocols else ""
+            tip = f"{row.method}{where}: score {score:.1f}, KV {fmt_num(memory)} {unit}"
             item.points.append((memory, score, tip))
         points = [(p[0], p[1]) for s in series.values() for p in s.points]
         front = Series("Pareto front", "#999999", dashed=True, marker="none",
