@@ -107,7 +107,7 @@ def test_embedded_model_on_hamlet():
 
     model, tok, _ = load_model(None, device="cpu", attn_implementation="arkv")
     prepare_model(model)
-    (sample,) = ppl.build(SPECS["hamlet"], RunOptions(max_length=384), tok, False, ppl_chunk=96)
+    (sample,) = ppl.build(SPECS["hamlet"], RunOptions(max_length=384, ppl_chunk=96), tok)
     assert sample.sample_id == "hamlet" and sample.extra["text_tokens"] == 384
     full = ppl.evaluate(model, tok, sample, make_cache("full", model.config))
     assert full["ppl_tokens"] == 383 and full["chunk_tokens"] == [95, 96, 96, 96]
