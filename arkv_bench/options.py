@@ -192,6 +192,14 @@ class RunOptions:
                                   "context) or query-agnostic (the context alone is)",
                                   _items(_protocol, "query-aware or query-agnostic"), name="protocol",
                                   tune_config=False, keyed_when_default=False)
+    shared_prefill: bool = option(True, "one forward pass of each prompt serves every configuration of the sweep "
+                                        "(--no-shared-prefill: a separate prefill per configuration)", _flag,
+                                  kind=bool, tune_config=False, keyed_when_default=False)
+    compile: bool = option(True, "replay decode steps from CUDA graphs on CUDA (--no-compile: eager)", _flag,
+                           kind=bool, tune_config=False, keyed_when_default=False)
+    prefill_chunk: int | None = option(None, "prompt tokens per prefill pass, 0 = the whole prompt at once "
+                                             "(default: 4096 on CUDA, 0 on CPU)", _whole(0), kind=int,
+                                       tune_config=False, keyed_when_default=False)
 
     def key(self) -> dict[str, Any]:
         """The options that decide the results (and so must match to resume)."""

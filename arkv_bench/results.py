@@ -64,6 +64,7 @@ class SampleRecord:
     # query-agnostic: seconds to compress the context, on the record that paid it (0 where a previous prompt's
     # compressed context was copied); also inside its prefill_s and ttft_ms
     context_prefill_s: float | None = None
+    shared_prefill_s: float | None = None  # the part of prefill_s spent in the prompt's forward pass shared by the sweep
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -28,6 +28,7 @@ from arkv_bench.distributed import Ranks, barrier, init
 from arkv_bench.generation import Generation, greedy_generate
 from arkv_bench.measures import eos_ids, weights_bytes
 from arkv_bench.options import RunOptions, UsageError
+from arkv_bench.protocols import QUERY_AWARE
 from arkv_bench.results import SampleLog, provenance, write_summaries
 from arkv_bench.results_io import atomic_write, check_writable_folder, record_key, sample_files
 from arkv_bench.suites import Batch, Context, Suite, Task, get_suite
@@ -134,7 +135,8 @@ def warm_up(ctx: Context, method: str, size: int | float | None) -> Generation:
     generator = torch.Generator().manual_seed(0)
     vocab = ctx.model.config.get_text_config().vocab_size
     ids = torch.randint(0, vocab, (1, n), generator=generator).to(ctx.model.device)
-    return greedy_generate(ctx.model, ids, torch.ones_like(ids), cache, WARMUP_NEW_TOKENS)
+    return greedy_generate(ctx.model, ids, torch.ones_like(ids), cache, WARMUP_NEW_TOKENS, compile=opts.compile,
+                           prefill_chunk=opts.prefill_chunk)
 
 
 # --- the run folder ------------------------------------------------------------------------------
@@ -296,6 +298,18 @@ def work_items(run: Run) -> list[WorkItem]:
         for pctx, (method, size) in itertools.product(protocol_contexts(run.ctx), configurations(run.ctx.opts)):
             records = _records_of(run.log, run.suite, method, size, pctx.protocol)
             items += [(pctx, task, method, size, batch) for batch in run.suite.batches(pctx, task, method, size, records)]
+    if run.ctx.opts.shared_prefill:  # query-aware batch by batch, so that one recorded prefix serves every configuration
+        task_at = {id(task): i for i, task in enumerate(run.tasks)}
+        sample_at = {id(s): i for task in run.tasks for i, s in enumerate(task.samples)}
+        config_at = {c: i for i, c in enumerate(configurations(run.ctx.opts))}
+
+        def order(item: WorkItem) -> tuple[bool, int, int, int]:
+            pctx, task, method, size, batch = item
+            first, config = sample_at.get(id(batch.samples[0]), 0) if batch.samples else 0, config_at[(method, size)]
+            aware = pctx.protocol == QUERY_AWARE
+            return not aware, task_at[id(task)], *((first, config) if aware else (config, first))
+
+        items.sort(key=order)
     return items
 
 

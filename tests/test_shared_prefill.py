@@ -147,3 +147,30 @@ def test_embedded_model_passkey_sweep():
         separate = greedy_generate(model, ids, mask, make_cache(method, model.config, **options), 12, eos)
         assert shared.tokens == separate.tokens, method
         assert shared.kv_bytes == separate.kv_bytes, method
+
+
+@pytest.mark.slow
+def test_a_run_with_shared_prefill_equals_separate_runs(tmp_path):
+    """`arkv-bench run` end to end on the embedded model: one prefill per prompt for the whole sweep gives the
+    records (tokens, scores, bytes, states) of a prefill per configuration."""
+    from typer.testing import CliRunner
+
+    from arkv_bench.cli import app
+    from arkv_bench.results_io import read_run_samples, record_key
+
+    args = ["run", "--suite", "passkey", "--context-lengths", "300", "--depths", "0.2,0.8", "--quant-type",
+            "full,mix,h2o,snapkv", "--cache-size", "96", "--device", "cpu", "--quiet"]
+    runs = {}
+    for name, flag in (("shared", []), ("separate", ["--no-shared-prefill"])):
+        result = CliRunner().invoke(app, [*args, *flag, "--out", str(tmp_path), "--run-name", name])
+        assert result.exit_code == 0, result.output
+        runs[name] = {record_key(r): r for r in read_run_samples(tmp_path / name)}
+    assert runs["shared"].keys() == runs["separate"].keys() and len(runs["shared"]) == 2 * 4
+    for key, shared in runs["shared"].items():
+        separate = runs["separate"][key]
+        for field in ("prediction", "score", "kv_bytes", "kv_bytes_full", "evicted_frac", "quantized_frac"):
+            assert shared[field] == separate[field], (key, field)
+        # the prefix in one pass and the tail in another: the OQ statistics agree to float32 rounding
+        assert [[v if v is None else pytest.approx(v, rel=1e-5) for v in layer] for layer in separate["layers"]] \
+            == shared["layers"]
+        assert (shared["shared_prefill_s"] or 0) > 0 and separate["shared_prefill_s"] is None

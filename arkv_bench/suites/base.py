@@ -38,6 +38,7 @@ from arkv_bench.models import model_devices
 from arkv_bench.options import RunOptions, UsageError
 from arkv_bench.protocols import QUERY_AGNOSTIC, QUERY_AWARE, compress_context, generate_after_context, question_token
 from arkv_bench.results import SampleRecord, evicted_quantized, layer_vector
+from arkv_bench.shared_prefill import generate_from, needs_accumulated, record_prefix, shares_prefill
 from arkv_bench.tasks import TaskSpec, load_task_specs
 
 # With a chat template the prompt ends "Answer:" + the template's closing tokens; the last few tokens
@@ -81,6 +82,8 @@ class Context:
     protocol: str = QUERY_AWARE  # the runner sets each of opts.protocols in turn
     # query-agnostic: the last compressed context, {key: (cache, mask)}, reused by the next question on it
     contexts: dict[tuple, tuple[Any, torch.Tensor]] = field(default_factory=dict)
+    # shared prefill: the last batch's recorded prefix, {key: PrefixRecord}, reused by every configuration
+    prefixes: dict[tuple, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -255,8 +258,13 @@ class PromptSuite(Suite):
             predictions = [answer]
         else:
             input_ids, mask = left_pad(encoded, tok.pad_token_id or 0, ctx.model.device)
-            gen = greedy_generate(ctx.model, input_ids, mask, cache, samples[0].max_new_tokens, ctx.eos,
-                                  _stopper(tok, task.spec.stop))
+            stop = _stopper(tok, task.spec.stop)
+            if opts.shared_prefill and shares_prefill(method):
+                record = _prefix(ctx, task, samples, input_ids, mask)
+                gen = generate_from(ctx.model, record, cache, samples[0].max_new_tokens, ctx.eos, stop, opts.compile)
+            else:
+                gen = greedy_generate(ctx.model, input_ids, mask, cache, samples[0].max_new_tokens, ctx.eos, stop,
+                                      opts.compile, opts.prefill_chunk)
             predictions = [_cut_at_stop(tok.decode(t, skip_special_tokens=True), task.spec.stop) for t in gen.tokens]
         return self.records(ctx, task, samples, encoded, predictions, gen, method, size, budget, memory.read())
 
@@ -281,6 +289,7 @@ class PromptSuite(Suite):
                 compressed=bool(gen.stats.get("compressed")), evicted_frac=evicted, quantized_frac=quantized,
                 peak_mem_bytes=peak, weights_bytes=ctx.info.get("weights_bytes"), layers=per_layer,
                 extra={k: v for k, v in sample.extra.items() if k != "all_classes"}, protocol=ctx.protocol,
+                shared_prefill_s=gen.shared_prefill_s or None,
                 **shared))
         return records
 
@@ -354,6 +363,19 @@ def encode(tokenizer: Any, text: str, chat: bool) -> list[int]:
                                             tokenize=True, return_dict=True)
         return list(out["input_ids"])
     return tokenizer(text).input_ids
+
+
+def _prefix(ctx: Context, task: Task, samples: list[Sample], input_ids: torch.Tensor, mask: torch.Tensor) -> Any:
+    """The batch's prompt prefix, run through the model once for every configuration of the sweep that can
+    start from it (the runner orders the work batch by batch); only the last batch's is kept."""
+    key = (task.name, tuple(s.sample_id for s in samples))
+    if key not in ctx.prefixes:
+        ctx.prefixes.clear()
+        opts = ctx.opts
+        ctx.prefixes[key] = record_prefix(ctx.model, input_ids, mask, tail=opts.window_size,
+                                          prefill_chunk=opts.prefill_chunk,
+                                          accumulate=needs_accumulated(m for m in opts.quant_types if shares_prefill(m)))
+    return ctx.prefixes[key]
 
 
 def _stopper(tokenizer: Any, stops: tuple[str, ...]) -> Callable[[list[int]], bool] | None:
