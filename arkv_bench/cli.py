@@ -169,7 +169,8 @@ def run(
     _run(opts, Path(out_dir or cfg.get("out") or "results"), run_name or cfg.get("run_name"), quiet)
 
 
-def _run(opts: Any, out_root: Path, run_name: Optional[str], quiet: bool) -> None:
+def _run(opts: Any, out_root: Path, run_name: Optional[str], quiet: bool,
+         table: Optional[Callable[[list[dict[str, Any]]], Table]] = None) -> Path:
     from arkv_bench.distributed import Ranks, finish
     from arkv_bench.runner import execute, prepare, progress_counts
 
@@ -197,8 +198,9 @@ def _run(opts: Any, out_root: Path, run_name: Optional[str], quiet: bool) -> Non
             STATE["folder"] = None
         finish(prepared.ranks)
     if not quiet:
-        wide(out).print(summary_table(rows))
+        wide(out).print(summary_table(rows) if table is None else table(rows))
         out.print(f"results: {prepared.folder}  ({time.perf_counter() - started:.0f} s)")
+    return prepared.folder
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -226,18 +228,41 @@ def summary_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-DEMO = {"suite": "passkey", "quant_type": "full,mix,h2o,window,quant", "cache_size": "256"}
+DEMO = {"suite": "passkey", "quant_type": "full,mix,snapkv,window,h2o,quant", "cache_size": "128,256,512",
+        "context_lengths": "1024,2048", "depths": "0.1,0.5,0.9"}
+
+
+def budget_table(rows: list[dict[str, Any]]) -> Table:
+    """Score and KV ratio per method (rows) and cache size (columns): how each method trades memory for accuracy."""
+    sizes = sorted({r["cache_size"] for r in rows if r["cache_size"] not in (None, "")})
+    table = Table(title="passkey score % (KV bytes / full cache's) per method and cache size")
+    table.add_column("method")
+    table.add_column("no budget", justify="right")
+    for size in sizes:
+        table.add_column(f"cache {size:g}", justify="right")
+    for method in dict.fromkeys(r["quant_type"] for r in rows):
+        cells = {r["cache_size"] if r["cache_size"] not in (None, "") else None: r for r in rows
+                 if r["quant_type"] == method}
+        show = [f"{_fmt(c['score'], 0)} ({_fmt(c['kv_ratio'], 2)})" if c else "" for c in
+                (cells.get(s) for s in (None, *sizes))]
+        table.add_row(method, *show)
+    return table
 
 
 @app.command()
 def demo(out_dir: Path = typer.Option(Path("results"), "--out", help="results folder")) -> None:
-    """The offline demo: passkey on the embedded model with full, mix, h2o, window and quant at cache 256."""
+    """The offline demo: passkey at 1K and 2K tokens on the embedded model, every main method at cache 128, 256
+    and 512, one prefill per prompt; ends with the score-vs-budget table and an HTML report."""
     from arkv_bench.options import build_options
+    from arkv_bench.report import write_report
 
-    console.print("demo: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO.items()), highlight=False)
-    _run(build_options(dict(DEMO)), out_dir, "demo", quiet=False)
-    console.print(f"next: arkv-bench compare {out_dir}   and   arkv-bench report {out_dir} --html", highlight=False,
-                  soft_wrap=True)
+    console.print("demo: arkv-bench run " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO.items()),
+                  highlight=False, soft_wrap=True)
+    folder = _run(build_options(dict(DEMO)), out_dir, "demo", quiet=False, table=budget_table)
+    report = write_report([folder], folder / "report.html")
+    out.print(f"report: {report}  (score vs cache size, score vs KV memory, per-sample answers)", highlight=False,
+              soft_wrap=True)
+    console.print(f"next: arkv-bench compare {folder}", highlight=False, soft_wrap=True)
 
 
 @app.command("list")
