@@ -110,6 +110,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="also time other block sizes, warps, stages and waves")
+    parser.add_argument("--tiles", default="128/4/3,128/2/3,64/2/3,64/2/4,128/2/2,64/1/3,32/1/3,64/4/4",
+                        help="--sweep: slots a tile / warps / pipeline stages, comma-separated")
     parser.add_argument("--json", default=None, help="append every row to this JSON-lines file")
     args = parser.parse_args()
     scaling = D ** -0.5
@@ -136,7 +138,8 @@ def main() -> None:
             except Exception as e:  # one format's failure must not hide the others' figures
                 print(f"b{batch} {fmt}: FAILED {type(e).__name__}: {str(e)[:2000]}", flush=True)
         if args.sweep:
-            sweep(batch, made, q, start, scaling, args.iters, report)
+            tiles = [tuple(int(x) for x in t.split("/")) for t in args.tiles.split(",")]
+            sweep(batch, made, q, start, scaling, args.iters, report, tiles)
         del keys, values, made
         torch.cuda.empty_cache()
 
@@ -160,23 +163,24 @@ def measure_format(fmt, segments, q, start, scaling, args, batch, report) -> Non
                 "eager_us": eager, "graph_us": graph})
 
 
-def sweep(batch, made, q, start, scaling, iters, report) -> None:
+def sweep(batch, made, q, start, scaling, iters, report, tiles) -> None:
     """Launch settings of the segment kernel (module constants), on the FP8 and int4 stores; splits
     as small as the waves ask (no MIN_SPLIT_SLOTS floor)."""
     names = ("BLOCK_N", "BLOCK_N_INT", "WAVES", "MIN_SPLIT_SLOTS", "NUM_WARPS", "NUM_STAGES")
     saved = {name: getattr(triton_decode, name) for name in names}
-    for block_n, warps, stages in ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 3)):
-        for waves in (1, 2, 4, 8):
-            for name, value in zip(names, (block_n, block_n, waves, 0, warps, stages)):
-                setattr(triton_decode, name, value)
-            for fmt in ("fp8", "kivi4"):
+    settings = {"fp8": tiles, "kivi4": tiles}
+    for fmt, tiles in settings.items():
+        for block_n, warps, stages in tiles:
+            for waves, min_split in ((8, 1024), (16, 512)):
+                for name, value in zip(names, (block_n, block_n, waves, min_split, warps, stages)):
+                    setattr(triton_decode, name, value)
                 fn = lambda: decode_attention(q, made[fmt], start, scaling, backend="triton")
                 try:
                     eager, graph = timed(fn, iters)
                 except Exception as e:  # a setting the compiler refuses (e.g. out of shared memory)
                     print(f"sweep {block_n}/{warps}/{stages}/{waves} {fmt}: {type(e).__name__}", file=sys.stderr)
                     continue
-                report({"batch": batch, "what": f"sweep {fmt} n{block_n} w{warps} s{stages} waves{waves}",
+                report({"batch": batch, "what": f"sweep {fmt} n{block_n} w{warps} s{stages} waves{waves} min{min_split}",
                         "bytes": segment_bytes(made[fmt]), "eager_us": eager, "graph_us": graph})
     for name, value in saved.items():
         setattr(triton_decode, name, value)

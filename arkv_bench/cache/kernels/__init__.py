@@ -10,8 +10,9 @@ per segment: each slot's attention weight averaged over the T queries and the qu
 its KV group (what the scoring methods read), from the same pass.
 
 `backend`: "torch" (the reference; any device, any dtype), "triton" (bf16/fp16 on CUDA, or on
-the CPU under TRITON_INTERPRET=1; at most MAX_ROWS = 128 query rows G * T per KV head), "auto"
-(triton where it applies and is installed, else torch).
+the CPU under TRITON_INTERPRET=1; at most MAX_ROWS = 128 query rows G * T per KV head; a
+power-of-two head dimension of at least 32 for int4 codes, 64 for int2), "auto" (triton where
+it applies and is installed, else torch).
 """
 
 from __future__ import annotations
@@ -30,16 +31,20 @@ __all__ = ["BACKENDS", "Codes", "Segment", "decode_attention", "fp8", "original"
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.bfloat16, rows: int = 1,
-                    head_dim: int = 128) -> str:
-    """"triton" or "torch" for a query of this device and dtype with `rows` = G * T rows per KV head.
+                    head_dim: int = 128, bits: int = 16) -> str:
+    """"triton" or "torch" for a query of this device and dtype with `rows` = G * T rows per KV head,
+    over slots whose narrowest codes have `bits` bits.
 
     A bad name, or "triton" where the kernel does not apply, raises ValueError."""
     if backend not in BACKENDS:
         raise ValueError(f"attention kernel must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    fits = dtype in KERNEL_DTYPES and rows <= MAX_ROWS and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    # packed codes are split into 8 / bits dot products over head_dim * bits / 8 channels: 16 at least
+    channels = head_dim * bits // 8 if bits < 8 else head_dim
+    fits = dtype in KERNEL_DTYPES and rows <= MAX_ROWS and channels >= 16 and head_dim & (head_dim - 1) == 0
     if backend == "triton" and not fits:
         raise ValueError(f"the triton kernel takes bf16/fp16 queries of at most {MAX_ROWS} rows per KV head and a "
-                         f"power-of-two head dimension >= 16, got {dtype}, {rows} rows, {head_dim}: use the torch backend")
+                         f"power-of-two head dimension of at least 16 x 8 / bits, got {dtype}, {rows} rows, "
+                         f"head dimension {head_dim}, {bits}-bit codes: use the torch backend")
     if backend != "auto":
         return backend
     usable = device.type == "cuda" and importlib.util.find_spec("triton") is not None
@@ -61,7 +66,8 @@ def decode_attention(query: torch.Tensor, segments: list[Segment], start: torch.
         raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
     if query_pos is not None:
         query_pos = query_pos.to(torch.int32).expand(b, t)
-    if resolve_backend(backend, query.device, query.dtype, hq // hkv * t, d) == "torch":
+    bits = min(min(seg.keys.bits, seg.values.bits) for seg in segments)
+    if resolve_backend(backend, query.device, query.dtype, hq // hkv * t, d, bits) == "torch":
         return reference_attention(query, segments, start, scaling, query_pos, return_weights)
     from arkv_bench.cache.kernels.triton_decode import triton_attention  # triton imports only when used
 

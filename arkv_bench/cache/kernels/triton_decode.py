@@ -34,74 +34,203 @@ LOG2E = 1.4426950408889634
 # (Llama-3.1-8B shape): slots per tile (model dtype and FP8; packed int codes), programs per SM
 # aimed at by the split-K plan, the fewest slots a split takes, Triton's warps and pipeline stages.
 BLOCK_N = 128
-BLOCK_N_INT = 64
+BLOCK_N_INT = 128
 WAVES = 8
 MIN_SPLIT_SLOTS = 1024
 NUM_WARPS = 4
 NUM_STAGES = 2
+PURE = tl.constexpr(os.environ.get('PURE', '1') == '1')
 NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: exp2(NEG - NEG) stays defined
 
 
 @triton.jit
-def _per_group(ptr, n, n0, hi, d, ok, s_stride_n, s_stride_d,
-               TG: tl.constexpr, CG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A scale or zero point [BLOCK_N, HEAD_DIM] (float32) for slots n = n0.. of groups TG slots x CG channels.
+def _unpack(byte, BITS: tl.constexpr, DOT_F32: tl.constexpr):
+    """The 8 / BITS codes of each byte (the first in the low bits) as four tensors of exact fp16
+    values (float32 under the interpreter; for int4 the last two repeat the first two).
 
-    The common groupings load only their distinct values and broadcast them (a full-size gather
-    would be pipelined through shared memory at four bytes per value); others gather."""
-    if TG == 1 and ((HEAD_DIM // CG) & (HEAD_DIM // CG - 1)) == 0:  # per slot, groups of channels (KIVI values, AKV)
-        NG: tl.constexpr = HEAD_DIM // CG
-        g = tl.arange(0, NG)
-        x = tl.load(ptr + n[:, None] * s_stride_n + g[None, :] * s_stride_d, mask=ok[:, None], other=0.0)
-        x = tl.reshape(tl.broadcast_to(x[:, :, None], (BLOCK_N, NG, CG)), (BLOCK_N, HEAD_DIM))
-    elif CG == 1 and BLOCK_N % TG == 0:  # per channel, groups of slots (KIVI keys); tiles start on a group
-        NT: tl.constexpr = BLOCK_N // TG
-        t = tl.arange(0, NT)
-        x = tl.load(ptr + (n0 // TG + t)[:, None] * s_stride_n + d[None, :] * s_stride_d,
-                    mask=(n0 + t * TG < hi)[:, None], other=0.0)
-        x = tl.reshape(tl.broadcast_to(x[:, None, :], (NT, TG, HEAD_DIM)), (BLOCK_N, HEAD_DIM))
-    else:
-        x = tl.load(ptr + (n // TG)[:, None] * s_stride_n + (d // CG)[None, :] * s_stride_d, mask=ok[:, None],
-                    other=0.0)
+    On the GPU a code c becomes the fp16 whose bits are 0x6400 | c, that is 1024 + c, minus 1024:
+    four bytes at a time, by byte permutes, with no integer-to-float conversion (those run at an
+    eighth of the rate of arithmetic)."""
+    if DOT_F32:
+        x = byte.to(tl.int32)
+        m = (1 << BITS) - 1
+        c0 = (x & m).to(tl.float32)
+        c1 = ((x >> BITS) & m).to(tl.float32)
+        if BITS == 4:
+            return c0, c1, c0, c1
+        return c0, c1, ((x >> 4) & m).to(tl.float32), ((x >> 6) & m).to(tl.float32)
+    if BITS == 4:
+        c0, c1 = tl.inline_asm_elementwise(
+            """{
+            .reg .b32 t, u, m, k;
+            mov.b32 m, 0x64646464;
+            mov.b32 k, 0x64006400;
+            and.b32 t, $4, 0x0F0F0F0F;
+            shr.b32 u, $4, 4;
+            and.b32 u, u, 0x0F0F0F0F;
+            prmt.b32 $0, t, m, 0x5140;
+            prmt.b32 $1, t, m, 0x5342;
+            prmt.b32 $2, u, m, 0x5140;
+            prmt.b32 $3, u, m, 0x5342;
+            sub.f16x2 $0, $0, k;
+            sub.f16x2 $1, $1, k;
+            sub.f16x2 $2, $2, k;
+            sub.f16x2 $3, $3, k;
+            }""", "=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16), is_pure=PURE, pack=4)
+        return c0, c1, c0, c1
+    c0, c1, c2, c3 = tl.inline_asm_elementwise(
+        """{
+        .reg .b32 t, m, k;
+        mov.b32 m, 0x64646464;
+        mov.b32 k, 0x64006400;
+        and.b32 t, $8, 0x03030303;
+        prmt.b32 $0, t, m, 0x5140;
+        prmt.b32 $1, t, m, 0x5342;
+        shr.b32 t, $8, 2;
+        and.b32 t, t, 0x03030303;
+        prmt.b32 $2, t, m, 0x5140;
+        prmt.b32 $3, t, m, 0x5342;
+        shr.b32 t, $8, 4;
+        and.b32 t, t, 0x03030303;
+        prmt.b32 $4, t, m, 0x5140;
+        prmt.b32 $5, t, m, 0x5342;
+        shr.b32 t, $8, 6;
+        and.b32 t, t, 0x03030303;
+        prmt.b32 $6, t, m, 0x5140;
+        prmt.b32 $7, t, m, 0x5342;
+        sub.f16x2 $0, $0, k;
+        sub.f16x2 $1, $1, k;
+        sub.f16x2 $2, $2, k;
+        sub.f16x2 $3, $3, k;
+        sub.f16x2 $4, $4, k;
+        sub.f16x2 $5, $5, k;
+        sub.f16x2 $6, $6, k;
+        sub.f16x2 $7, $7, k;
+        }""", "=r,=r,=r,=r,=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+        is_pure=PURE, pack=4)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _half(x, DOT_F32: tl.constexpr):
+    """A scale or zero point as the fp16 the dequantization multiplies by (float32 of it under the interpreter)."""
+    x = x.to(tl.float16)
+    if DOT_F32:
+        x = x.to(tl.float32)
     return x
 
 
 @triton.jit
-def _tile(ptr, scale_ptr, zero_ptr, n0, hi, stride_n, stride_d, s_stride_n, s_stride_d,
-          BITS: tl.constexpr, TG: tl.constexpr, CG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Slots n0.. (below hi) x all channels of one side, dequantized (float32; as stored for bits 16);
-    slots at or past hi read 0."""
-    n = n0 + tl.arange(0, BLOCK_N)
-    ok = n < hi
-    d = tl.arange(0, HEAD_DIM)
-    if BITS == 16:
-        x = tl.load(ptr + n[:, None] * stride_n + d[None, :] * stride_d, mask=ok[:, None], other=0.0)
-    else:
-        if BITS == 8:
-            codes = tl.load(ptr + n[:, None] * stride_n + d[None, :] * stride_d, mask=ok[:, None], other=0.0)
-            codes = codes.to(tl.float32)
-        else:  # PER codes a byte, the first in the low bits
-            PER: tl.constexpr = 8 // BITS
-            NB: tl.constexpr = HEAD_DIM // PER
-            nb = tl.arange(0, NB)
-            byte = tl.load(ptr + n[:, None] * stride_n + nb[None, :] * stride_d, mask=ok[:, None], other=0)
-            shift = tl.arange(0, PER) * BITS
-            codes = (byte.to(tl.int32)[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1)
-            codes = tl.reshape(codes, (BLOCK_N, HEAD_DIM)).to(tl.float32)
-        if CG == HEAD_DIM and TG == 1:  # one scale per slot (FP8)
-            x = codes * tl.load(scale_ptr + n * s_stride_n, mask=ok, other=0.0)[:, None]
-            if BITS != 8:
-                x += tl.load(zero_ptr + n * s_stride_n, mask=ok, other=0.0)[:, None]
+def _dequantize(c, s, z, DOT_F32: tl.constexpr):
+    """code * scale + zero in one fp16 multiply-add (under the interpreter: exact in float32, then rounded)."""
+    x = c * s + z
+    if DOT_F32:
+        x = x.to(tl.float16).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _int_tile(ptr, scale_ptr, zero_ptr, n0, hi, load_ok, stride_n, stride_d, s_stride_n, s_stride_d,
+              BITS: tl.constexpr, TG: tl.constexpr, CG: tl.constexpr, HEAD_DIM: tl.constexpr,
+              BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+    """Packed codes of slots n0.. (below hi), dequantized: four [BLOCK_N, HEAD_DIM / PER] tensors, the
+    i-th holding channels PER * j + i (PER = 8 / BITS codes a byte; int4 repeats the first two).
+    Slots where `load_ok` is false read code 0 (and, with their own scale, scale and zero 0).
+
+    Each grouping the caches use loads only its distinct scales and broadcasts them over a third axis."""
+    PER: tl.constexpr = 8 // BITS
+    NB: tl.constexpr = HEAD_DIM // PER
+    if TG == 1 and CG % PER == 0:  # per slot, groups of channels (KIVI's values, AKV): slots x groups x bytes
+        NG: tl.constexpr = HEAD_DIM // CG
+        CB: tl.constexpr = CG // PER
+        n = n0 + tl.arange(0, BLOCK_N)
+        g = tl.arange(0, NG)
+        byte = tl.load(ptr + n[:, None, None] * stride_n + (g[None, :, None] * CB + tl.arange(0, CB)[None, None, :])
+                       * stride_d, mask=load_ok[:, None, None], other=0)
+        at = n[:, None] * s_stride_n + g[None, :] * s_stride_d
+        s = _half(tl.load(scale_ptr + at, mask=load_ok[:, None], other=0.0), DOT_F32)[:, :, None]
+        z = _half(tl.load(zero_ptr + at, mask=load_ok[:, None], other=0.0), DOT_F32)[:, :, None]
+        c0, c1, c2, c3 = _unpack(byte, BITS, DOT_F32)
+        x0 = tl.reshape(_dequantize(c0, s, z, DOT_F32), (BLOCK_N, NB))
+        x1 = tl.reshape(_dequantize(c1, s, z, DOT_F32), (BLOCK_N, NB))
+        if BITS == 2:
+            x2 = tl.reshape(_dequantize(c2, s, z, DOT_F32), (BLOCK_N, NB))
+            x3 = tl.reshape(_dequantize(c3, s, z, DOT_F32), (BLOCK_N, NB))
         else:
-            x = codes * _per_group(scale_ptr, n, n0, hi, d, ok, s_stride_n, s_stride_d, TG, CG, HEAD_DIM, BLOCK_N)
-            if BITS != 8:
-                x += _per_group(zero_ptr, n, n0, hi, d, ok, s_stride_n, s_stride_d, TG, CG, HEAD_DIM, BLOCK_N)
+            x2, x3 = x0, x1
+    else:
+        j = tl.arange(0, NB)
+        if CG == 1 and BLOCK_N % TG == 0 and TG < BLOCK_N:  # per channel, several slot groups a tile (on a group)
+            NT: tl.constexpr = BLOCK_N // TG
+            t = tl.arange(0, NT)
+            r = tl.arange(0, TG)
+            n3 = n0 + t[:, None, None] * TG + r[None, :, None]
+            byte = tl.load(ptr + n3 * stride_n + j[None, None, :] * stride_d, mask=n3 < hi, other=0)
+            at = (n0 // TG + t)[:, None] * s_stride_n + (j * PER)[None, :] * s_stride_d
+            group_ok = (n0 + t * TG < hi)[:, None]
+            s0 = _half(tl.load(scale_ptr + at, mask=group_ok, other=0.0), DOT_F32)[:, None, :]
+            z0 = _half(tl.load(zero_ptr + at, mask=group_ok, other=0.0), DOT_F32)[:, None, :]
+            s1 = _half(tl.load(scale_ptr + at + s_stride_d, mask=group_ok, other=0.0), DOT_F32)[:, None, :]
+            z1 = _half(tl.load(zero_ptr + at + s_stride_d, mask=group_ok, other=0.0), DOT_F32)[:, None, :]
+            if BITS == 2:
+                s2 = _half(tl.load(scale_ptr + at + 2 * s_stride_d, mask=group_ok, other=0.0), DOT_F32)[:, None, :]
+                z2 = _half(tl.load(zero_ptr + at + 2 * s_stride_d, mask=group_ok, other=0.0), DOT_F32)[:, None, :]
+                s3 = _half(tl.load(scale_ptr + at + 3 * s_stride_d, mask=group_ok, other=0.0), DOT_F32)[:, None, :]
+                z3 = _half(tl.load(zero_ptr + at + 3 * s_stride_d, mask=group_ok, other=0.0), DOT_F32)[:, None, :]
+        else:
+            n = n0 + tl.arange(0, BLOCK_N)
+            byte = tl.load(ptr + n[:, None] * stride_n + j[None, :] * stride_d, mask=load_ok[:, None], other=0)
+            if CG == 1 and TG % BLOCK_N == 0:  # per channel, one slot group a tile (KIVI's keys)
+                at = (n0 // TG) * s_stride_n + (j * PER)[None, :] * s_stride_d
+                ok = True
+            else:  # any other grouping: gather each value's scale
+                at = (n // TG)[:, None] * s_stride_n + ((j * PER) // CG)[None, :] * s_stride_d
+                ok = (n < hi)[:, None]
+            s0 = _half(tl.load(scale_ptr + at, mask=ok, other=0.0), DOT_F32)
+            z0 = _half(tl.load(zero_ptr + at, mask=ok, other=0.0), DOT_F32)
+            at1 = at + s_stride_d if CG == 1 else at + ((j * PER + 1) // CG - (j * PER) // CG)[None, :] * s_stride_d
+            s1 = _half(tl.load(scale_ptr + at1, mask=ok, other=0.0), DOT_F32)
+            z1 = _half(tl.load(zero_ptr + at1, mask=ok, other=0.0), DOT_F32)
+            if BITS == 2:
+                at2 = at + 2 * s_stride_d if CG == 1 else at + ((j * PER + 2) // CG - (j * PER) // CG)[None, :] * s_stride_d
+                at3 = at + 3 * s_stride_d if CG == 1 else at + ((j * PER + 3) // CG - (j * PER) // CG)[None, :] * s_stride_d
+                s2 = _half(tl.load(scale_ptr + at2, mask=ok, other=0.0), DOT_F32)
+                z2 = _half(tl.load(zero_ptr + at2, mask=ok, other=0.0), DOT_F32)
+                s3 = _half(tl.load(scale_ptr + at3, mask=ok, other=0.0), DOT_F32)
+                z3 = _half(tl.load(zero_ptr + at3, mask=ok, other=0.0), DOT_F32)
+        c0, c1, c2, c3 = _unpack(byte, BITS, DOT_F32)
+        x0 = tl.reshape(_dequantize(c0, s0, z0, DOT_F32), (BLOCK_N, NB))
+        x1 = tl.reshape(_dequantize(c1, s1, z1, DOT_F32), (BLOCK_N, NB))
+        if BITS == 2:
+            x2 = tl.reshape(_dequantize(c2, s2, z2, DOT_F32), (BLOCK_N, NB))
+            x3 = tl.reshape(_dequantize(c3, s3, z3, DOT_F32), (BLOCK_N, NB))
+        else:
+            x2, x3 = x0, x1
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _tile(ptr, n0, load_ok, stride_n, stride_d, BITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+          BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+    """Slots n0.. x all channels of one side stored in the model's dtype or as FP8 codes (exact in
+    fp16; their per-slot scale goes on the logits / probabilities), as a dot operand."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, HEAD_DIM)
+    x = tl.load(ptr + n[:, None] * stride_n + d[None, :] * stride_d, mask=load_ok[:, None], other=0.0)
+    if DOT_F32:
+        return x.to(tl.float32)
+    if BITS == 8:
+        if PURE:
+            x = x.to(tl.float16)
+        else:
+            x = tl.inline_asm_elementwise("{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+                                          "=r,=r,r", [x.to(tl.int8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4)
     return x
 
 
 @triton.jit
 def _operand(x, dtype, DOT_F32: tl.constexpr):
-    """x rounded to the model's dtype, as a dot operand: that dtype, or float32 under the interpreter
+    """x rounded to `dtype`, as a dot operand: that dtype, or float32 under the interpreter
     (whose dot does not know bf16 and whose float32 -> bf16 cast truncates: round to nearest even here)."""
     if DOT_F32:
         x = x.to(tl.float32)
@@ -111,6 +240,15 @@ def _operand(x, dtype, DOT_F32: tl.constexpr):
             return bits.to(tl.float32, bitcast=True)
         return x.to(dtype).to(tl.float32)
     return x.to(dtype)
+
+
+@triton.jit
+def _query(q_ptr, b, h, rows, row_ok, q_sb, q_sr, i: tl.constexpr, PER: tl.constexpr, ROWS: tl.constexpr,
+           HEAD_DIM: tl.constexpr):
+    """The program's query rows at channels PER * j + i (all channels for PER 1)."""
+    j = tl.arange(0, HEAD_DIM // PER)
+    return tl.load(q_ptr + b * q_sb + (h * ROWS + rows)[:, None] * q_sr + (j * PER + i)[None, :],
+                   mask=row_ok[:, None], other=0.0)
 
 
 @triton.jit
@@ -130,11 +268,32 @@ def _partials(q_ptr, k_ptr, ks_ptr, kz_ptr, v_ptr, vs_ptr, vz_ptr, pos_ptr, star
     h = bh % HKV
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < ROWS
-    d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + b * q_sb + (h * ROWS + rows)[:, None] * q_sr + d[None, :], mask=row_ok[:, None], other=0.0)
-    dtype = q.dtype
-    if DOT_F32:
-        q = q.to(tl.float32)
+    K_PER: tl.constexpr = 8 // K_BITS if K_BITS < 8 else 1
+    V_PER: tl.constexpr = 8 // V_BITS if V_BITS < 8 else 1
+    VNB: tl.constexpr = HEAD_DIM // V_PER
+    q0 = _query(q_ptr, b, h, rows, row_ok, q_sb, q_sr, 0, K_PER, ROWS, HEAD_DIM)
+    dtype = q0.dtype
+    if K_BITS == 16:  # the model's dtype on both sides of the dot
+        q0 = _operand(q0, dtype, DOT_F32)
+        q1, q2, q3 = q0, q0, q0
+        logit_scale = qk_scale
+    else:  # fp16 on both sides: the query times a power of two that puts its largest entry in [2^13, 2^14)
+        full = _query(q_ptr, b, h, rows, row_ok, q_sb, q_sr, 0, 1, ROWS, HEAD_DIM).to(tl.float32)
+        top = tl.max(tl.max(tl.abs(full), 1), 0)
+        exponent = tl.minimum(tl.maximum((top.to(tl.int32, bitcast=True) >> 23) & 0xFF, 14), 240)
+        factor = ((267 - exponent) << 23).to(tl.float32, bitcast=True)
+        logit_scale = qk_scale * ((exponent - 13) << 23).to(tl.float32, bitcast=True)
+        q0 = _operand(q0.to(tl.float32) * factor, tl.float16, DOT_F32)
+        q1, q2, q3 = q0, q0, q0
+        if K_PER > 1:
+            q1 = _operand(_query(q_ptr, b, h, rows, row_ok, q_sb, q_sr, 1, K_PER, ROWS, HEAD_DIM).to(tl.float32)
+                          * factor, tl.float16, DOT_F32)
+        if K_PER == 4:
+            q2 = _operand(_query(q_ptr, b, h, rows, row_ok, q_sb, q_sr, 2, K_PER, ROWS, HEAD_DIM).to(tl.float32)
+                          * factor, tl.float16, DOT_F32)
+            q3 = _operand(_query(q_ptr, b, h, rows, row_ok, q_sb, q_sr, 3, K_PER, ROWS, HEAD_DIM).to(tl.float32)
+                          * factor, tl.float16, DOT_F32)
+    p_dtype = dtype if V_BITS == 16 else tl.float16
     first = tl.load(start_ptr + b)
     if CAUSAL:
         q_pos = tl.load(qpos_ptr + b * T + rows % T, mask=row_ok, other=-1)
@@ -144,18 +303,39 @@ def _partials(q_ptr, k_ptr, ks_ptr, kz_ptr, v_ptr, vs_ptr, vz_ptr, pos_ptr, star
     vs_off = b * vs_sb + h * vs_sh
     m_i = tl.full([BLOCK_M], NEG, tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
-    acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
+    acc0 = tl.full([BLOCK_M, VNB], 0.0, tl.float32)  # channels V_PER * j + i in acc_i
+    acc1 = tl.full([BLOCK_M, VNB], 0.0, tl.float32)
+    acc2 = tl.full([BLOCK_M, VNB], 0.0, tl.float32)
+    acc3 = tl.full([BLOCK_M, VNB], 0.0, tl.float32)
     lo = split * per_split
     hi = tl.minimum(lo + per_split, n_slots)
+    v_top = 1.0
+    if V_BITS == 8:  # FP8 values: the largest scale of the range, so that p * scale / top stays in fp16's range
+        top = tl.full([BLOCK_N], 0.0, tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            top = tl.maximum(top, tl.load(vs_ptr + vs_off + n * vs_sn, mask=n < hi, other=0.0))
+        v_top = tl.max(top, 0)
+        v_top = tl.where((v_top > 0) & (v_top < float("inf")), v_top, 1.0)
     for n0 in range(lo, hi, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         in_range = n < hi
         pos = tl.load(pos_ptr + b * p_sb + h * p_sh + n * p_sn, mask=in_range, other=-1)
         live = in_range & (pos >= first)
-        k = _tile(k_base, ks_ptr + ks_off, kz_ptr + ks_off, n0, hi, k_sn, k_sd, ks_sn, ks_sd,
-                  K_BITS, K_TG, K_CG, HEAD_DIM, BLOCK_N)
-        k = _operand(k, dtype, DOT_F32)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if K_BITS < 8:
+            k0, k1, k2, k3 = _int_tile(k_base, ks_ptr + ks_off, kz_ptr + ks_off, n0, hi, in_range, k_sn, k_sd,
+                                       ks_sn, ks_sd, K_BITS, K_TG, K_CG, HEAD_DIM, BLOCK_N, DOT_F32)
+            s = tl.dot(q0, tl.trans(k0))
+            s = tl.dot(q1, tl.trans(k1), s)
+            if K_PER == 4:
+                s = tl.dot(q2, tl.trans(k2), s)
+                s = tl.dot(q3, tl.trans(k3), s)
+        else:
+            s = tl.dot(q0, tl.trans(_tile(k_base, n0, in_range, k_sn, k_sd, K_BITS, HEAD_DIM, BLOCK_N, DOT_F32)))
+        if K_BITS == 8:  # FP8: the slot's scale on its logit
+            s = s * (tl.load(ks_ptr + ks_off + n * ks_sn, mask=in_range, other=0.0) * logit_scale)[None, :]
+        else:
+            s = s * logit_scale
         allowed = live[None, :] & row_ok[:, None]
         if CAUSAL:
             allowed = allowed & (pos[None, :] <= q_pos[:, None])
@@ -167,16 +347,39 @@ def _partials(q_ptr, k_ptr, ks_ptr, kz_ptr, v_ptr, vs_ptr, vz_ptr, pos_ptr, star
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _tile(v_base, vs_ptr + vs_off, vz_ptr + vs_off, n0, hi, v_sn, v_sd, vs_sn, vs_sd,
-                  V_BITS, V_TG, V_CG, HEAD_DIM, BLOCK_N)
-        v = _operand(v, dtype, DOT_F32)
-        v = tl.where(live[:, None], v, 0.0)  # empty slots may hold anything, NaN included
-        acc = acc * alpha[:, None] + tl.dot(_operand(p, dtype, DOT_F32), v)
+        if V_BITS < 8:
+            v0, v1, v2, v3 = _int_tile(v_base, vs_ptr + vs_off, vz_ptr + vs_off, n0, hi, live, v_sn, v_sd,
+                                       vs_sn, vs_sd, V_BITS, V_TG, V_CG, HEAD_DIM, BLOCK_N, DOT_F32)
+            if V_TG != 1:  # a slot group's scale may be shared with dead slots' garbage: zero those
+                v0 = tl.where(live[:, None], v0, 0.0)
+                v1 = tl.where(live[:, None], v1, 0.0)
+                v2 = tl.where(live[:, None], v2, 0.0)
+                v3 = tl.where(live[:, None], v3, 0.0)
+            pv = _operand(p, p_dtype, DOT_F32)
+            acc0 = acc0 * alpha[:, None] + tl.dot(pv, v0)
+            acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1)
+            if V_PER == 4:
+                acc2 = acc2 * alpha[:, None] + tl.dot(pv, v2)
+                acc3 = acc3 * alpha[:, None] + tl.dot(pv, v3)
+        else:
+            v = _tile(v_base, n0, live, v_sn, v_sd, V_BITS, HEAD_DIM, BLOCK_N, DOT_F32)
+            if V_BITS == 8:  # FP8: the slot's scale on its probability (over the range's largest)
+                v_scale = tl.load(vs_ptr + vs_off + n * vs_sn, mask=live, other=0.0) / v_top
+                acc0 = acc0 * alpha[:, None] + tl.dot(_operand(p * v_scale[None, :], p_dtype, DOT_F32), v)
+            else:
+                acc0 = acc0 * alpha[:, None] + tl.dot(_operand(p, p_dtype, DOT_F32), v)
         m_i = m_new
     part = (bh * n_splits_total + split_offset + split) * BLOCK_M + rows
     tl.store(m_ptr + part, m_i)
     tl.store(l_ptr + part, l_i)
-    tl.store(acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc)
+    j = tl.arange(0, VNB)
+    out = acc_ptr + part[:, None] * HEAD_DIM + (j * V_PER)[None, :]
+    tl.store(out, acc0 * v_top)
+    if V_PER > 1:
+        tl.store(out + 1, acc1)
+    if V_PER == 4:
+        tl.store(out + 2, acc2)
+        tl.store(out + 3, acc3)
 
 
 @triton.jit
