@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="also time other block sizes, warps, stages and waves")
-    parser.add_argument("--tiles", default="128/4/3,128/2/3,64/2/3,64/2/4,128/2/2,64/1/3,32/1/3,64/4/4",
+    parser.add_argument("--tiles", default="128/4/3,64/2/3,64/1/3,32/1/3,32/1/4,16/1/3",
                         help="--sweep: slots a tile / warps / pipeline stages, comma-separated")
     parser.add_argument("--json", default=None, help="append every row to this JSON-lines file")
     args = parser.parse_args()
@@ -164,27 +164,25 @@ def measure_format(fmt, segments, q, start, scaling, args, batch, report) -> Non
 
 
 def sweep(batch, made, q, start, scaling, iters, report, tiles) -> None:
-    """Launch settings of the segment kernel (module constants), on the FP8 and int4 stores; splits
-    as small as the waves ask (no MIN_SPLIT_SLOTS floor)."""
-    names = ("BLOCK_N", "BLOCK_N_INT", "WAVES", "MIN_SPLIT_SLOTS", "NUM_WARPS", "NUM_STAGES")
-    saved = {name: getattr(triton_decode, name) for name in names}
-    settings = {"fp8": tiles, "kivi4": tiles}
-    for fmt, tiles in settings.items():
-        for block_n, warps, stages in tiles:
-            for waves, min_split in ((8, 1024), (16, 512)):
-                for name, value in zip(names, (block_n, block_n, waves, min_split, warps, stages)):
-                    setattr(triton_decode, name, value)
+    """Launch settings of the segment kernel (module constants) on the FP8 and int4 stores: each tile
+    setting (slots, warps, stages) for the format, under two split plans."""
+    saved = dict(triton_decode.TILES), triton_decode.WAVES, triton_decode.MIN_SPLIT_SLOTS
+    for fmt, key in (("fp8", "fp8"), ("kivi4", "int")):
+        for tile in tiles:
+            for waves, min_split in ((8, 1024), (16, 512), (32, 256)):
+                triton_decode.TILES[key] = tile
+                triton_decode.WAVES, triton_decode.MIN_SPLIT_SLOTS = waves, min_split
                 fn = lambda: decode_attention(q, made[fmt], start, scaling, backend="triton")
                 try:
                     eager, graph = timed(fn, iters)
                 except Exception as e:  # a setting the compiler refuses (e.g. out of shared memory)
-                    print(f"sweep {block_n}/{warps}/{stages}/{waves} {fmt}: {type(e).__name__}", file=sys.stderr)
+                    print(f"sweep {tile} {waves} {fmt}: {type(e).__name__}", file=sys.stderr)
                     continue
+                block_n, warps, stages = tile
                 report({"batch": batch, "what": f"sweep {fmt} n{block_n} w{warps} s{stages} waves{waves} min{min_split}",
                         "bytes": segment_bytes(made[fmt]), "eager_us": eager, "graph_us": graph})
-    for name, value in saved.items():
-        setattr(triton_decode, name, value)
-
+    triton_decode.TILES.update(saved[0])
+    triton_decode.WAVES, triton_decode.MIN_SPLIT_SLOTS = saved[1], saved[2]
 
 if __name__ == "__main__":
     main()

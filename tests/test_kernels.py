@@ -185,7 +185,7 @@ def test_split_plan_covers_every_slot_once_in_aligned_splits(batch: int, sms: in
     monkeypatch.setattr(triton_decode, "_sm_count", lambda device: sms)
     sizes = (32640, 128)
     per_split, splits = triton_decode.split_plan([SimpleNamespace(slots=c) for c in sizes], batch * HKV * 4, DEVICE)
-    assert per_split % max(triton_decode.BLOCK_N, triton_decode.BLOCK_N_INT) == 0
+    assert all(per_split % tile[0] == 0 for tile in triton_decode.TILES.values())
     assert per_split >= triton_decode.MIN_SPLIT_SLOTS
     assert all((n - 1) * per_split < c <= n * per_split for n, c in zip(splits, sizes))
 

@@ -30,16 +30,14 @@ import triton.language as tl
 from arkv_bench.cache.kernels.segments import Codes, Segment
 
 LOG2E = 1.4426950408889634
-# Launch settings, the fastest of `scripts/bench_kernel.py --sweep` on one H200 at b1 and b8 x 32K
-# (Llama-3.1-8B shape): slots per tile (model dtype and FP8; packed int codes), programs per SM
-# aimed at by the split-K plan, the fewest slots a split takes, Triton's warps and pipeline stages.
-BLOCK_N = 128
-BLOCK_N_INT = 128
-WAVES = 8
-MIN_SPLIT_SLOTS = 1024
-NUM_WARPS = 4
-NUM_STAGES = 2
-PURE = tl.constexpr(os.environ.get('PURE', '1') == '1')
+# Launch settings, the fastest of `scripts/bench_kernel.py --sweep` on one H100 at b1 and b8 x 32K
+# (Llama-3.1-8B shape): per storage format (the narrower of keys and values), slots per tile, warps
+# and pipeline stages. One warp a program wins for the quantized formats: no cross-warp softmax
+# reductions or barriers, and more programs on an SM to hide the latency. Then the programs per SM
+# aimed at by the split-K plan and the fewest slots a split takes.
+TILES = {"model": (128, 4, 2), "fp8": (64, 1, 3), "int": (32, 1, 3)}
+WAVES = 16
+MIN_SPLIT_SLOTS = 512
 NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: exp2(NEG - NEG) stays defined
 
 
@@ -50,7 +48,9 @@ def _unpack(byte, BITS: tl.constexpr, DOT_F32: tl.constexpr):
 
     On the GPU a code c becomes the fp16 whose bits are 0x6400 | c, that is 1024 + c, minus 1024:
     four bytes at a time, by byte permutes, with no integer-to-float conversion (those run at an
-    eighth of the rate of arithmetic)."""
+    eighth of the rate of arithmetic). The assembly is declared impure so that Triton keeps it
+    (and the dequantization after it) on the tile as loaded, then moves the fp16 result into the
+    dot's operand layout: hoisted into that layout, it would read the codes one byte at a time."""
     if DOT_F32:
         x = byte.to(tl.int32)
         m = (1 << BITS) - 1
@@ -76,7 +76,7 @@ def _unpack(byte, BITS: tl.constexpr, DOT_F32: tl.constexpr):
             sub.f16x2 $1, $1, k;
             sub.f16x2 $2, $2, k;
             sub.f16x2 $3, $3, k;
-            }""", "=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16), is_pure=PURE, pack=4)
+            }""", "=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16), is_pure=False, pack=4)
         return c0, c1, c0, c1
     c0, c1, c2, c3 = tl.inline_asm_elementwise(
         """{
@@ -107,7 +107,7 @@ def _unpack(byte, BITS: tl.constexpr, DOT_F32: tl.constexpr):
         sub.f16x2 $6, $6, k;
         sub.f16x2 $7, $7, k;
         }""", "=r,=r,=r,=r,=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-        is_pure=PURE, pack=4)
+        is_pure=False, pack=4)
     return c0, c1, c2, c3
 
 
@@ -219,12 +219,10 @@ def _tile(ptr, n0, load_ok, stride_n, stride_d, BITS: tl.constexpr, HEAD_DIM: tl
     x = tl.load(ptr + n[:, None] * stride_n + d[None, :] * stride_d, mask=load_ok[:, None], other=0.0)
     if DOT_F32:
         return x.to(tl.float32)
-    if BITS == 8:
-        if PURE:
-            x = x.to(tl.float16)
-        else:
-            x = tl.inline_asm_elementwise("{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
-                                          "=r,=r,r", [x.to(tl.int8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4)
+    if BITS == 8:  # e4m3 -> fp16, two at a time (not `.to`, which Triton would move into the operand's loads)
+        x = tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+            "=r,=r,r", [x.to(tl.int8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4)
     return x
 
 
@@ -435,11 +433,16 @@ def split_plan(segments: list[Segment], programs_per_split: int, device: torch.d
     """(slots per split, splits per segment): up to WAVES programs per SM over all segments, so that
     b1 x 32K fills the GPU, but no split under MIN_SPLIT_SLOTS slots (more would cost more than they
     spread). Splits start on a multiple of every tile size."""
-    quantum = max(BLOCK_N, BLOCK_N_INT)
+    quantum = max(tile[0] for tile in TILES.values())
     wanted = max(1, math.ceil(WAVES * _sm_count(device) / programs_per_split))
     per_split = max(MIN_SPLIT_SLOTS, math.ceil(sum(s.slots for s in segments) / wanted), 1)
     per_split = math.ceil(per_split / quantum) * quantum
     return per_split, [math.ceil(s.slots / per_split) for s in segments]
+
+
+def _format(bits: int) -> str:
+    """The key of TILES for codes of `bits` bits."""
+    return "model" if bits == 16 else "fp8" if bits == 8 else "int"
 
 
 def _side(codes: Codes) -> tuple[list[torch.Tensor], list[int], dict[str, int]]:
@@ -486,15 +489,16 @@ def triton_attention(query: torch.Tensor, segments: list[Segment], start: torch.
         if n_split:
             k_args, k_strides, kc = _side(seg.keys)
             v_args, v_strides, vc = _side(seg.values)
+            block_n, warps, stages = TILES[_format(min(kc["BITS"], vc["BITS"]))]
             _partials[(b * hkv, n_split)](
                 q, *k_args, *v_args, seg.pos, start, qpos, acc, m, l_sum, logits,
                 qk_scale, seg.slots, per_split, offset, seen, n_total, total_splits,
                 q.stride(0), q.stride(1), *k_strides, *v_strides, *seg.pos.stride(),
                 HKV=hkv, ROWS=rows, T=t, HEAD_DIM=d, BLOCK_M=block_m,
-                BLOCK_N=BLOCK_N_INT if min(kc["BITS"], vc["BITS"]) < 8 else BLOCK_N,
+                BLOCK_N=block_n,
                 **{f"K_{name}": v for name, v in kc.items()}, **{f"V_{name}": v for name, v in vc.items()},
                 CAUSAL=query_pos is not None, WEIGHTS=return_weights, DOT_F32=interpreting(),
-                num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+                num_warps=warps, num_stages=stages)
         offset += n_split
         seen += seg.slots
     lse = torch.empty(b * hkv * rows, **f32)
