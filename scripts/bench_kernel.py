@@ -109,9 +109,10 @@ def main() -> None:
     parser.add_argument("--residual", type=int, default=128)
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--skip-today", action="store_true", help="do not time today's path (dequantize, then SDPA)")
     parser.add_argument("--sweep", action="store_true", help="also time other block sizes, warps, stages and waves")
-    parser.add_argument("--tiles", default="128/4/3,64/2/3,64/1/3,32/1/3,32/1/4,16/1/3",
-                        help="--sweep: slots a tile / warps / pipeline stages, comma-separated")
+    parser.add_argument("--tiles", default="64/1/3/1,64/1/3/0,32/1/3/1,32/1/3/0",
+                        help="--sweep: slots a tile / warps / pipeline stages / transposed (0 or 1), comma-separated")
     parser.add_argument("--json", default=None, help="append every row to this JSON-lines file")
     args = parser.parse_args()
     scaling = D ** -0.5
@@ -157,7 +158,7 @@ def measure_format(fmt, segments, q, start, scaling, args, batch, report) -> Non
         eager, graph = timed(fn, args.iters)
         report({"batch": batch, "what": f"kernel {fmt}{' + weights' if weights else ''}",
                 "bytes": segment_bytes(segments), "eager_us": eager, "graph_us": graph})
-    if fmt != "bf16":
+    if fmt != "bf16" and not args.skip_today:
         eager, graph = timed(lambda: today(segments)(q), args.iters)
         report({"batch": batch, "what": f"today: dequantize {fmt} + SDPA", "bytes": segment_bytes(segments),
                 "eager_us": eager, "graph_us": graph})
@@ -169,8 +170,8 @@ def sweep(batch, made, q, start, scaling, iters, report, tiles) -> None:
     saved = dict(triton_decode.TILES), triton_decode.WAVES, triton_decode.MIN_SPLIT_SLOTS
     for fmt, key in (("fp8", "fp8"), ("kivi4", "int")):
         for tile in tiles:
-            for waves, min_split in ((8, 1024), (16, 512), (32, 256)):
-                triton_decode.TILES[key] = tile
+            for waves, min_split in ((16, 512), (32, 256)):
+                triton_decode.TILES[key] = (*tile[:3], bool(tile[3]))
                 triton_decode.WAVES, triton_decode.MIN_SPLIT_SLOTS = waves, min_split
                 fn = lambda: decode_attention(q, made[fmt], start, scaling, backend="triton")
                 try:
@@ -178,8 +179,8 @@ def sweep(batch, made, q, start, scaling, iters, report, tiles) -> None:
                 except Exception as e:  # a setting the compiler refuses (e.g. out of shared memory)
                     print(f"sweep {tile} {waves} {fmt}: {type(e).__name__}", file=sys.stderr)
                     continue
-                block_n, warps, stages = tile
-                report({"batch": batch, "what": f"sweep {fmt} n{block_n} w{warps} s{stages} waves{waves} min{min_split}",
+                block_n, warps, stages, transposed = tile
+                report({"batch": batch, "what": f"sweep {fmt} n{block_n} w{warps} s{stages} t{transposed} waves{waves} min{min_split}",
                         "bytes": segment_bytes(made[fmt]), "eager_us": eager, "graph_us": graph})
     triton_decode.TILES.update(saved[0])
     triton_decode.WAVES, triton_decode.MIN_SPLIT_SLOTS = saved[1], saved[2]

@@ -170,12 +170,18 @@ def test_bad_segments_and_backend_are_refused():
 
 # --- the Triton kernel against the reference -----------------------------------------------
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, params=["rows x slots", "slots x rows"])
 def small_splits(request, monkeypatch):
-    """Kernel tests: splits of 128 slots, so that the tiny stores still span several splits."""
+    """Kernel tests: splits of 128 slots, so that the tiny stores still span several splits; each test
+    runs with the products as [rows, slots] (`_partials`) and transposed (`_partials_t`)."""
     if "triton_" in request.node.name and HAS_TRITON:
         from arkv_bench.cache.kernels import triton_decode
         monkeypatch.setattr(triton_decode, "MIN_SPLIT_SLOTS", 64)
+        transposed = request.param == "slots x rows"
+        monkeypatch.setattr(triton_decode, "TILES", {key: (*tile[:3], transposed)
+                                                     for key, tile in triton_decode.TILES.items()})
+    elif request.param == "slots x rows":
+        pytest.skip("one run is enough for tests without the kernel")
 
 @pytest.mark.skipif(not HAS_TRITON, reason=NO_TRITON)
 @pytest.mark.parametrize("batch, sms", [(1, 132), (8, 132), (2, 4)])

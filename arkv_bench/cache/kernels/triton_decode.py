@@ -30,12 +30,14 @@ import triton.language as tl
 from arkv_bench.cache.kernels.segments import Codes, Segment
 
 LOG2E = 1.4426950408889634
-# Launch settings, the fastest of `scripts/bench_kernel.py --sweep` on one H100 at b1 and b8 x 32K
-# (Llama-3.1-8B shape): per storage format (the narrower of keys and values), slots per tile, warps
-# and pipeline stages. One warp a program wins for the quantized formats: no cross-warp softmax
-# reductions or barriers, and more programs on an SM to hide the latency. Then the programs per SM
-# aimed at by the split-K plan and the fewest slots a split takes.
-TILES = {"model": (128, 4, 2), "fp8": (64, 1, 3), "int": (32, 1, 3)}
+# Launch settings per storage format (the narrower of keys and values): slots per tile, warps, pipeline
+# stages, and whether the products are transposed (`_partials_t`). From `scripts/bench_kernel.py
+# --sweep` on one H100 at b1 and b8 x 32K (Llama-3.1-8B shape): one warp a program wins for the
+# quantized formats (no cross-warp softmax reductions or barriers; more programs on an SM hide the
+# latency). The transposed products pad the query rows to 8, not 16: half the tensor-core work and
+# registers, no spills, a third less shared memory (sm_90 compile), so they are the default there.
+# Then the programs per SM aimed at by the split-K plan and the fewest slots a split takes.
+TILES = {"model": (128, 4, 2, False), "fp8": (64, 1, 3, True), "int": (32, 1, 3, True)}
 WAVES = 16
 MIN_SPLIT_SLOTS = 512
 NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: exp2(NEG - NEG) stays defined
@@ -250,13 +252,54 @@ def _query(q_ptr, b, h, rows, row_ok, q_sb, q_sr, i: tl.constexpr, PER: tl.const
 
 
 @triton.jit
+def _queries(q_ptr, b, h, rows, row_ok, q_sb, q_sr, qk_scale, K_BITS: tl.constexpr, K_PER: tl.constexpr,
+             ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_F32: tl.constexpr):
+    """The program's query rows as dot operands, split into the K_PER channel sets of the keys' codes
+    (four tensors; unused ones repeat the first), and the factor that turns their dot with the keys
+    into base-2 logits. Against the model's dtype the query is kept as is; against FP8 or int codes
+    (fp16 operands) it is multiplied by a power of two that puts its largest entry in [2^13, 2^14)."""
+    q0 = _query(q_ptr, b, h, rows, row_ok, q_sb, q_sr, 0, K_PER, ROWS, HEAD_DIM)
+    if K_BITS == 16:
+        q0 = _operand(q0, q0.dtype, DOT_F32)
+        return q0, q0, q0, q0, qk_scale
+    full = _query(q_ptr, b, h, rows, row_ok, q_sb, q_sr, 0, 1, ROWS, HEAD_DIM).to(tl.float32)
+    top = tl.max(tl.max(tl.abs(full), 1), 0)
+    exponent = tl.minimum(tl.maximum((top.to(tl.int32, bitcast=True) >> 23) & 0xFF, 14), 240)
+    factor = ((267 - exponent) << 23).to(tl.float32, bitcast=True)
+    logit_scale = qk_scale * ((exponent - 13) << 23).to(tl.float32, bitcast=True)
+    q0 = _operand(q0.to(tl.float32) * factor, tl.float16, DOT_F32)
+    q1, q2, q3 = q0, q0, q0
+    if K_PER > 1:
+        q1 = _operand(_query(q_ptr, b, h, rows, row_ok, q_sb, q_sr, 1, K_PER, ROWS, HEAD_DIM).to(tl.float32)
+                      * factor, tl.float16, DOT_F32)
+    if K_PER == 4:
+        q2 = _operand(_query(q_ptr, b, h, rows, row_ok, q_sb, q_sr, 2, K_PER, ROWS, HEAD_DIM).to(tl.float32)
+                      * factor, tl.float16, DOT_F32)
+        q3 = _operand(_query(q_ptr, b, h, rows, row_ok, q_sb, q_sr, 3, K_PER, ROWS, HEAD_DIM).to(tl.float32)
+                      * factor, tl.float16, DOT_F32)
+    return q0, q1, q2, q3, logit_scale
+
+
+@triton.jit
+def _v_top(vs_ptr, lo, hi, vs_sn, BLOCK_N: tl.constexpr):
+    """The largest FP8 value scale of slots lo..hi (1 if none is positive and finite): the probabilities
+    are multiplied by scale / top, which keeps them in fp16's range."""
+    top = tl.full([BLOCK_N], 0.0, tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        top = tl.maximum(top, tl.load(vs_ptr + n * vs_sn, mask=n < hi, other=0.0))
+    top = tl.max(top, 0)
+    return tl.where((top > 0) & (top < float("inf")), top, 1.0)
+
+
+@triton.jit
 def _partials(q_ptr, k_ptr, ks_ptr, kz_ptr, v_ptr, vs_ptr, vz_ptr, pos_ptr, start_ptr, qpos_ptr,
               acc_ptr, m_ptr, l_ptr, logit_ptr,
               qk_scale, n_slots, per_split, split_offset, logit_offset, logit_len, n_splits_total,
               q_sb, q_sr, k_sb, k_sh, k_sn, k_sd, ks_sb, ks_sh, ks_sn, ks_sd,
               v_sb, v_sh, v_sn, v_sd, vs_sb, vs_sh, vs_sn, vs_sd, p_sb, p_sh, p_sn,
               HKV: tl.constexpr, ROWS: tl.constexpr, T: tl.constexpr, HEAD_DIM: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_M: tl.constexpr, PART_M: tl.constexpr, BLOCK_N: tl.constexpr,
               K_BITS: tl.constexpr, K_TG: tl.constexpr, K_CG: tl.constexpr,
               V_BITS: tl.constexpr, V_TG: tl.constexpr, V_CG: tl.constexpr,
               CAUSAL: tl.constexpr, WEIGHTS: tl.constexpr, DOT_F32: tl.constexpr):
@@ -269,28 +312,9 @@ def _partials(q_ptr, k_ptr, ks_ptr, kz_ptr, v_ptr, vs_ptr, vz_ptr, pos_ptr, star
     K_PER: tl.constexpr = 8 // K_BITS if K_BITS < 8 else 1
     V_PER: tl.constexpr = 8 // V_BITS if V_BITS < 8 else 1
     VNB: tl.constexpr = HEAD_DIM // V_PER
-    q0 = _query(q_ptr, b, h, rows, row_ok, q_sb, q_sr, 0, K_PER, ROWS, HEAD_DIM)
-    dtype = q0.dtype
-    if K_BITS == 16:  # the model's dtype on both sides of the dot
-        q0 = _operand(q0, dtype, DOT_F32)
-        q1, q2, q3 = q0, q0, q0
-        logit_scale = qk_scale
-    else:  # fp16 on both sides: the query times a power of two that puts its largest entry in [2^13, 2^14)
-        full = _query(q_ptr, b, h, rows, row_ok, q_sb, q_sr, 0, 1, ROWS, HEAD_DIM).to(tl.float32)
-        top = tl.max(tl.max(tl.abs(full), 1), 0)
-        exponent = tl.minimum(tl.maximum((top.to(tl.int32, bitcast=True) >> 23) & 0xFF, 14), 240)
-        factor = ((267 - exponent) << 23).to(tl.float32, bitcast=True)
-        logit_scale = qk_scale * ((exponent - 13) << 23).to(tl.float32, bitcast=True)
-        q0 = _operand(q0.to(tl.float32) * factor, tl.float16, DOT_F32)
-        q1, q2, q3 = q0, q0, q0
-        if K_PER > 1:
-            q1 = _operand(_query(q_ptr, b, h, rows, row_ok, q_sb, q_sr, 1, K_PER, ROWS, HEAD_DIM).to(tl.float32)
-                          * factor, tl.float16, DOT_F32)
-        if K_PER == 4:
-            q2 = _operand(_query(q_ptr, b, h, rows, row_ok, q_sb, q_sr, 2, K_PER, ROWS, HEAD_DIM).to(tl.float32)
-                          * factor, tl.float16, DOT_F32)
-            q3 = _operand(_query(q_ptr, b, h, rows, row_ok, q_sb, q_sr, 3, K_PER, ROWS, HEAD_DIM).to(tl.float32)
-                          * factor, tl.float16, DOT_F32)
+    q0, q1, q2, q3, logit_scale = _queries(q_ptr, b, h, rows, row_ok, q_sb, q_sr, qk_scale, K_BITS, K_PER, ROWS,
+                                           HEAD_DIM, DOT_F32)
+    dtype = q_ptr.dtype.element_ty
     p_dtype = dtype if V_BITS == 16 else tl.float16
     first = tl.load(start_ptr + b)
     if CAUSAL:
@@ -308,13 +332,8 @@ def _partials(q_ptr, k_ptr, ks_ptr, kz_ptr, v_ptr, vs_ptr, vz_ptr, pos_ptr, star
     lo = split * per_split
     hi = tl.minimum(lo + per_split, n_slots)
     v_top = 1.0
-    if V_BITS == 8:  # FP8 values: the largest scale of the range, so that p * scale / top stays in fp16's range
-        top = tl.full([BLOCK_N], 0.0, tl.float32)
-        for n0 in range(lo, hi, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            top = tl.maximum(top, tl.load(vs_ptr + vs_off + n * vs_sn, mask=n < hi, other=0.0))
-        v_top = tl.max(top, 0)
-        v_top = tl.where((v_top > 0) & (v_top < float("inf")), v_top, 1.0)
+    if V_BITS == 8:
+        v_top = _v_top(vs_ptr + vs_off, lo, hi, vs_sn, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         in_range = n < hi
@@ -367,11 +386,123 @@ def _partials(q_ptr, k_ptr, ks_ptr, kz_ptr, v_ptr, vs_ptr, vz_ptr, pos_ptr, star
             else:
                 acc0 = acc0 * alpha[:, None] + tl.dot(_operand(p, p_dtype, DOT_F32), v)
         m_i = m_new
-    part = (bh * n_splits_total + split_offset + split) * BLOCK_M + rows
+    part = (bh * n_splits_total + split_offset + split) * PART_M + rows  # PART_M rows a partial, BLOCK_M >= it
+    kept = rows < PART_M
+    tl.store(m_ptr + part, m_i, mask=kept)
+    tl.store(l_ptr + part, l_i, mask=kept)
+    j = tl.arange(0, VNB)
+    out = acc_ptr + part[:, None] * HEAD_DIM + (j * V_PER)[None, :]
+    tl.store(out, acc0 * v_top, mask=kept[:, None])
+    if V_PER > 1:
+        tl.store(out + 1, acc1, mask=kept[:, None])
+    if V_PER == 4:
+        tl.store(out + 2, acc2, mask=kept[:, None])
+        tl.store(out + 3, acc3, mask=kept[:, None])
+
+
+@triton.jit
+def _partials_t(q_ptr, k_ptr, ks_ptr, kz_ptr, v_ptr, vs_ptr, vz_ptr, pos_ptr, start_ptr, qpos_ptr,
+                acc_ptr, m_ptr, l_ptr, logit_ptr,
+                qk_scale, n_slots, per_split, split_offset, logit_offset, logit_len, n_splits_total,
+                q_sb, q_sr, k_sb, k_sh, k_sn, k_sd, ks_sb, ks_sh, ks_sn, ks_sd,
+                v_sb, v_sh, v_sn, v_sd, vs_sb, vs_sh, vs_sn, vs_sd, p_sb, p_sh, p_sn,
+                HKV: tl.constexpr, ROWS: tl.constexpr, T: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_M: tl.constexpr, PART_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                K_BITS: tl.constexpr, K_TG: tl.constexpr, K_CG: tl.constexpr,
+                V_BITS: tl.constexpr, V_TG: tl.constexpr, V_CG: tl.constexpr,
+                CAUSAL: tl.constexpr, WEIGHTS: tl.constexpr, DOT_F32: tl.constexpr):
+    """`_partials` with the products transposed: logits [slots, rows] = keys . query^T and output^T
+    [channels, rows] = values^T . probabilities, so that the few query rows (padded to 8, not 16)
+    are the tensor cores' narrow dimension and the slots their wide one."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < ROWS
+    K_PER: tl.constexpr = 8 // K_BITS if K_BITS < 8 else 1
+    V_PER: tl.constexpr = 8 // V_BITS if V_BITS < 8 else 1
+    VNB: tl.constexpr = HEAD_DIM // V_PER
+    q0, q1, q2, q3, logit_scale = _queries(q_ptr, b, h, rows, row_ok, q_sb, q_sr, qk_scale, K_BITS, K_PER, ROWS,
+                                           HEAD_DIM, DOT_F32)
+    q0, q1, q2, q3 = tl.trans(q0), tl.trans(q1), tl.trans(q2), tl.trans(q3)
+    dtype = q_ptr.dtype.element_ty
+    p_dtype = dtype if V_BITS == 16 else tl.float16
+    first = tl.load(start_ptr + b)
+    if CAUSAL:
+        q_pos = tl.load(qpos_ptr + b * T + rows % T, mask=row_ok, other=-1)
+    k_base = k_ptr + b * k_sb + h * k_sh
+    v_base = v_ptr + b * v_sb + h * v_sh
+    ks_off = b * ks_sb + h * ks_sh
+    vs_off = b * vs_sb + h * vs_sh
+    m_i = tl.full([BLOCK_M], NEG, tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+    acc0 = tl.full([VNB, BLOCK_M], 0.0, tl.float32)  # channels V_PER * j + i in acc_i, transposed
+    acc1 = tl.full([VNB, BLOCK_M], 0.0, tl.float32)
+    acc2 = tl.full([VNB, BLOCK_M], 0.0, tl.float32)
+    acc3 = tl.full([VNB, BLOCK_M], 0.0, tl.float32)
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, n_slots)
+    v_top = 1.0
+    if V_BITS == 8:
+        v_top = _v_top(vs_ptr + vs_off, lo, hi, vs_sn, BLOCK_N)
+    for n0 in range(lo, hi, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        in_range = n < hi
+        pos = tl.load(pos_ptr + b * p_sb + h * p_sh + n * p_sn, mask=in_range, other=-1)
+        live = in_range & (pos >= first)
+        if K_BITS < 8:
+            k0, k1, k2, k3 = _int_tile(k_base, ks_ptr + ks_off, kz_ptr + ks_off, n0, hi, in_range, k_sn, k_sd,
+                                       ks_sn, ks_sd, K_BITS, K_TG, K_CG, HEAD_DIM, BLOCK_N, DOT_F32)
+            s = tl.dot(k0, q0)
+            s = tl.dot(k1, q1, s)
+            if K_PER == 4:
+                s = tl.dot(k2, q2, s)
+                s = tl.dot(k3, q3, s)
+        else:
+            s = tl.dot(_tile(k_base, n0, in_range, k_sn, k_sd, K_BITS, HEAD_DIM, BLOCK_N, DOT_F32), q0)
+        if K_BITS == 8:  # FP8: the slot's scale on its logit
+            s = s * (tl.load(ks_ptr + ks_off + n * ks_sn, mask=in_range, other=0.0) * logit_scale)[:, None]
+        else:
+            s = s * logit_scale
+        allowed = live[:, None] & row_ok[None, :]
+        if CAUSAL:
+            allowed = allowed & (pos[:, None] <= q_pos[None, :])
+        s = tl.where(allowed, s, float("-inf"))
+        if WEIGHTS:
+            w_ptr = logit_ptr + (bh * ROWS + rows)[None, :] * logit_len + logit_offset + n[:, None]
+            tl.store(w_ptr, s, mask=row_ok[None, :] & in_range[:, None])
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[None, :])
+        l_i = l_i * alpha + tl.sum(p, 0)
+        if V_BITS < 8:
+            v0, v1, v2, v3 = _int_tile(v_base, vs_ptr + vs_off, vz_ptr + vs_off, n0, hi, live, v_sn, v_sd,
+                                       vs_sn, vs_sd, V_BITS, V_TG, V_CG, HEAD_DIM, BLOCK_N, DOT_F32)
+            if V_TG != 1:  # a slot group's scale may be shared with dead slots' garbage: zero those
+                v0 = tl.where(live[:, None], v0, 0.0)
+                v1 = tl.where(live[:, None], v1, 0.0)
+                v2 = tl.where(live[:, None], v2, 0.0)
+                v3 = tl.where(live[:, None], v3, 0.0)
+            pv = _operand(p, p_dtype, DOT_F32)
+            acc0 = acc0 * alpha[None, :] + tl.dot(tl.trans(v0), pv)
+            acc1 = acc1 * alpha[None, :] + tl.dot(tl.trans(v1), pv)
+            if V_PER == 4:
+                acc2 = acc2 * alpha[None, :] + tl.dot(tl.trans(v2), pv)
+                acc3 = acc3 * alpha[None, :] + tl.dot(tl.trans(v3), pv)
+        else:
+            v = tl.trans(_tile(v_base, n0, live, v_sn, v_sd, V_BITS, HEAD_DIM, BLOCK_N, DOT_F32))
+            if V_BITS == 8:  # FP8: the slot's scale on its probability (over the range's largest)
+                v_scale = tl.load(vs_ptr + vs_off + n * vs_sn, mask=live, other=0.0) / v_top
+                acc0 = acc0 * alpha[None, :] + tl.dot(v, _operand(p * v_scale[:, None], p_dtype, DOT_F32))
+            else:
+                acc0 = acc0 * alpha[None, :] + tl.dot(v, _operand(p, p_dtype, DOT_F32))
+        m_i = m_new
+    part = (bh * n_splits_total + split_offset + split) * PART_M + rows  # here BLOCK_M == PART_M
     tl.store(m_ptr + part, m_i)
     tl.store(l_ptr + part, l_i)
     j = tl.arange(0, VNB)
-    out = acc_ptr + part[:, None] * HEAD_DIM + (j * V_PER)[None, :]
+    out = acc_ptr + part[None, :] * HEAD_DIM + (j * V_PER)[:, None]
     tl.store(out, acc0 * v_top)
     if V_PER > 1:
         tl.store(out + 1, acc1)
@@ -464,7 +595,7 @@ def triton_attention(query: torch.Tensor, segments: list[Segment], start: torch.
     b, hq, t, d = query.shape
     hkv = segments[0].pos.shape[1]
     rows = hq // hkv * t
-    block_m = max(16, triton.next_power_of_2(rows))
+    part_m = max(8, triton.next_power_of_2(rows))  # rows a partial result keeps (the transposed kernel's padding)
     q = query.reshape(b, hq * t, d)
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -479,9 +610,9 @@ def triton_attention(query: torch.Tensor, segments: list[Segment], start: torch.
                                               if return_weights else None)
     per_split, splits = split_plan(segments, b * hkv, query.device)
     total_splits = sum(splits)
-    acc = torch.empty(b * hkv * total_splits * block_m * d, **f32)  # every split is written by its program
-    m = torch.empty(b * hkv * total_splits * block_m, **f32)
-    l_sum = torch.empty(b * hkv * total_splits * block_m, **f32)
+    acc = torch.empty(b * hkv * total_splits * part_m * d, **f32)  # every split is written by its program
+    m = torch.empty(b * hkv * total_splits * part_m, **f32)
+    l_sum = torch.empty(b * hkv * total_splits * part_m, **f32)
     logits = torch.empty(b * hkv * rows * n_total if return_weights else 1, **f32)
     qk_scale = scaling * LOG2E
     offset, seen = 0, 0
@@ -489,12 +620,12 @@ def triton_attention(query: torch.Tensor, segments: list[Segment], start: torch.
         if n_split:
             k_args, k_strides, kc = _side(seg.keys)
             v_args, v_strides, vc = _side(seg.values)
-            block_n, warps, stages = TILES[_format(min(kc["BITS"], vc["BITS"]))]
-            _partials[(b * hkv, n_split)](
+            block_n, warps, stages, transposed = TILES[_format(min(kc["BITS"], vc["BITS"]))]
+            (_partials_t if transposed else _partials)[(b * hkv, n_split)](
                 q, *k_args, *v_args, seg.pos, start, qpos, acc, m, l_sum, logits,
                 qk_scale, seg.slots, per_split, offset, seen, n_total, total_splits,
                 q.stride(0), q.stride(1), *k_strides, *v_strides, *seg.pos.stride(),
-                HKV=hkv, ROWS=rows, T=t, HEAD_DIM=d, BLOCK_M=block_m,
+                HKV=hkv, ROWS=rows, T=t, HEAD_DIM=d, BLOCK_M=part_m if transposed else max(16, part_m), PART_M=part_m,
                 BLOCK_N=block_n,
                 **{f"K_{name}": v for name, v in kc.items()}, **{f"V_{name}": v for name, v in vc.items()},
                 CAUSAL=query_pos is not None, WEIGHTS=return_weights, DOT_F32=interpreting(),
@@ -503,7 +634,7 @@ def triton_attention(query: torch.Tensor, segments: list[Segment], start: torch.
         seen += seg.slots
     lse = torch.empty(b * hkv * rows, **f32)
     _combine[(b * hkv * rows,)](acc, m, l_sum, out, lse, total_splits, out.stride(0), out.stride(1),
-                                HKV=hkv, ROWS=rows, HEAD_DIM=d, BLOCK_M=block_m,
+                                HKV=hkv, ROWS=rows, HEAD_DIM=d, BLOCK_M=part_m,
                                 SPLITS=triton.next_power_of_2(total_splits))
     out = out.view(b, hq, t, d)
     if not return_weights:
@@ -511,5 +642,5 @@ def triton_attention(query: torch.Tensor, segments: list[Segment], start: torch.
     weights = torch.empty(b, hkv, n_total, **f32)
     block = 128
     _weights[(b * hkv, triton.cdiv(max(n_total, 1), block))](logits, lse, weights, n_total, ROWS=rows,
-                                                             BLOCK_M=block_m, BLOCK=block)
+                                                             BLOCK_M=part_m, BLOCK=block)
     return out, list(weights.split([s.slots for s in segments], dim=-1))
