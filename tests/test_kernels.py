@@ -248,3 +248,23 @@ def test_triton_key_groups_longer_than_a_tile():
                               return_weights=True, backend="triton")
     torch.testing.assert_close(out.cpu().float(), ref_out.float(), **OUT_TOL)
     assert_weights_close(w, ref_w, exact(q, segments, START, D ** -0.5)[1])
+
+
+@needs_triton
+def test_triton_probabilities_per_query_row():
+    """per_row: every query head's probabilities over all slots (what the slot store's scoring reads),
+    their group mean the per-segment weights."""
+    segments, n = layer(("original", "fp8"), (40, 136))
+    q = query(2)
+    q_pos = torch.tensor([n - 5, n - 1], dtype=torch.int32)
+    ref_out, ref_p = decode_attention(q, segments, START, 0.2, q_pos, return_weights=True, backend="torch", per_row=True)
+    out, p = decode_attention(q.to(DEVICE), on(DEVICE, segments), START.to(DEVICE), 0.2, q_pos.to(DEVICE),
+                              return_weights=True, backend="triton", per_row=True)
+    assert p.shape == (B, HKV * GROUP, 2, 176)
+    torch.testing.assert_close(out.cpu().float(), ref_out.float(), **OUT_TOL)
+    exact_p = decode_attention(q.double(), segments, START, 0.2, q_pos, return_weights=True, backend="torch",
+                               per_row=True)[1]
+    assert_weights_close([p], [ref_p], [exact_p])
+    _, grouped = decode_attention(q.to(DEVICE), on(DEVICE, segments), START.to(DEVICE), 0.2, q_pos.to(DEVICE),
+                                  return_weights=True, backend="triton")
+    torch.testing.assert_close(torch.cat(grouped, -1), p.view(B, HKV, GROUP * 2, -1).mean(2), atol=1e-7, rtol=1e-5)

@@ -52,9 +52,10 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
 
 
 def decode_attention(query: torch.Tensor, segments: list[Segment], start: torch.Tensor, scaling: float,
-                     query_pos: torch.Tensor | None = None, return_weights: bool = False, backend: str = "auto"
-                     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    """Attention output [B, Hq, T, D] (query's dtype) and, if asked, per-segment weights [B, Hkv, C]."""
+                     query_pos: torch.Tensor | None = None, return_weights: bool = False, backend: str = "auto",
+                     per_row: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | torch.Tensor | None]:
+    """Attention output [B, Hq, T, D] (query's dtype) and, if asked, per-segment weights [B, Hkv, C]
+    (or, `per_row`, every query's probabilities [B, Hq, T, N] over all the segments' slots, in order)."""
     if not segments:
         raise ValueError("decode_attention needs at least one segment")
     b, hq, t, d = query.shape
@@ -68,7 +69,7 @@ def decode_attention(query: torch.Tensor, segments: list[Segment], start: torch.
         query_pos = query_pos.to(torch.int32).expand(b, t)
     bits = min(min(seg.keys.bits, seg.values.bits) for seg in segments)
     if resolve_backend(backend, query.device, query.dtype, hq // hkv * t, d, bits) == "torch":
-        return reference_attention(query, segments, start, scaling, query_pos, return_weights)
+        return reference_attention(query, segments, start, scaling, query_pos, return_weights, per_row)
     from arkv_bench.cache.kernels.triton_decode import triton_attention  # triton imports only when used
 
-    return triton_attention(query, segments, start, scaling, query_pos, return_weights)
+    return triton_attention(query, segments, start, scaling, query_pos, return_weights, per_row)

@@ -536,16 +536,23 @@ def _combine(acc_ptr, m_ptr, l_ptr, out_ptr, lse_ptr, n_splits, out_sb, out_sr,
 
 
 @triton.jit
-def _weights(logit_ptr, lse_ptr, w_ptr, n_slots, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
+def _weights(logit_ptr, lse_ptr, w_ptr, n_slots, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
+             PER_ROW: tl.constexpr):
+    """exp(logit - lse) of every slot: averaged over the KV group's rows into w [B * Hkv, N], or per row
+    (PER_ROW: w [B * Hkv * ROWS, N], which may be the logits' own buffer)."""
     bh = tl.program_id(0)
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < ROWS
     lse = tl.load(lse_ptr + bh * ROWS + rows, mask=row_ok, other=0.0)
     ok = row_ok[:, None] & (n < n_slots)[None, :]
-    logits = tl.load(logit_ptr + (bh * ROWS + rows)[:, None] * n_slots + n[None, :], mask=ok, other=float("-inf"))
+    at = (bh * ROWS + rows)[:, None] * n_slots + n[None, :]
+    logits = tl.load(logit_ptr + at, mask=ok, other=float("-inf"))
     p = tl.where(ok & (lse > float("-inf"))[:, None], tl.exp2(logits - lse[:, None]), 0.0)
-    tl.store(w_ptr + bh * n_slots + n, tl.sum(p, 0) / ROWS, mask=n < n_slots)
+    if PER_ROW:
+        tl.store(w_ptr + at, p, mask=ok)
+    else:
+        tl.store(w_ptr + bh * n_slots + n, tl.sum(p, 0) / ROWS, mask=n < n_slots)
 
 
 def interpreting() -> bool:
@@ -589,8 +596,8 @@ def _side(codes: Codes) -> tuple[list[torch.Tensor], list[int], dict[str, int]]:
 
 
 def triton_attention(query: torch.Tensor, segments: list[Segment], start: torch.Tensor, scaling: float,
-                     query_pos: torch.Tensor | None = None, return_weights: bool = False
-                     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+                     query_pos: torch.Tensor | None = None, return_weights: bool = False, per_row: bool = False
+                     ) -> tuple[torch.Tensor, list[torch.Tensor] | torch.Tensor | None]:
     """Same contract as `reference_attention`; query in bf16 or fp16."""
     b, hq, t, d = query.shape
     hkv = segments[0].pos.shape[1]
@@ -606,8 +613,10 @@ def triton_attention(query: torch.Tensor, segments: list[Segment], start: torch.
     n_total = sum(s.slots for s in segments)
     f32 = dict(dtype=torch.float32, device=query.device)
     if n_total == 0:  # nothing to attend: zeros, as the reference's fully masked rows
-        return query.new_zeros(query.shape), ([torch.zeros(b, hkv, 0, **f32) for _ in segments]
-                                              if return_weights else None)
+        if not return_weights:
+            return query.new_zeros(query.shape), None
+        return query.new_zeros(query.shape), (torch.zeros(b, hq, t, 0, **f32) if per_row
+                                              else [torch.zeros(b, hkv, 0, **f32) for _ in segments])
     per_split, splits = split_plan(segments, b * hkv, query.device)
     total_splits = sum(splits)
     acc = torch.empty(b * hkv * total_splits * part_m * d, **f32)  # every split is written by its program
@@ -639,8 +648,11 @@ def triton_attention(query: torch.Tensor, segments: list[Segment], start: torch.
     out = out.view(b, hq, t, d)
     if not return_weights:
         return out, None
-    weights = torch.empty(b, hkv, n_total, **f32)
     block = 128
-    _weights[(b * hkv, triton.cdiv(max(n_total, 1), block))](logits, lse, weights, n_total, ROWS=rows,
-                                                             BLOCK_M=part_m, BLOCK=block)
+    grid = (b * hkv, triton.cdiv(max(n_total, 1), block))
+    if per_row:  # in place: the logits become the probabilities, [B, Hq, T, N] as the query's rows
+        _weights[grid](logits, lse, logits, n_total, ROWS=rows, BLOCK_M=part_m, BLOCK=block, PER_ROW=True)
+        return out, logits.view(b, hq, t, n_total)
+    weights = torch.empty(b, hkv, n_total, **f32)
+    _weights[grid](logits, lse, weights, n_total, ROWS=rows, BLOCK_M=part_m, BLOCK=block, PER_ROW=False)
     return out, list(weights.split([s.slots for s in segments], dim=-1))
