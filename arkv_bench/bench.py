@@ -14,8 +14,6 @@ import hashlib
 import inspect
 import json
 import re
-import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -30,7 +28,8 @@ from arkv_bench.cache import METHODS, make_cache, prepare_model
 from arkv_bench.compare import BENCH_SUITE, bench_task, ratio
 from arkv_bench.generation import greedy_generate
 from arkv_bench.models import load_model, resolve_device, resolve_dtype
-from arkv_bench.results import SUMMARY_COLUMNS, _write_csv, evicted_quantized, layer_vector, provenance
+from arkv_bench.results import SUMMARY_COLUMNS, evicted_quantized, layer_vector, provenance
+from arkv_bench.results_io import atomic_write, csv_text
 from arkv_bench.runner import UsageError
 
 # Exact shapes of real models (random weights: speed and memory do not depend on the values), and a
@@ -242,25 +241,6 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 1
     return 2 * nbytes * repeats / seconds
 
 
-def gpu_inventory() -> dict[str, Any]:
-    """GPU count, names and how they are connected (nvidia-smi topo -m when there is one)."""
-    if not torch.cuda.is_available():
-        return {"count": 0, "names": [], "topology": None}
-    props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
-    topology, source = None, "torch device properties (nvidia-smi not found)"
-    if shutil.which("nvidia-smi"):
-        try:
-            done = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=20)
-            text = re.sub(r"\x1b\[[0-9;]*m", "", done.stdout).strip()  # it underlines its header for terminals
-            topology, source = text or None, "nvidia-smi topo -m"
-        except (OSError, subprocess.SubprocessError) as e:
-            source = f"nvidia-smi topo -m failed: {e}"
-    devices = [{"name": p.name, "total_memory_bytes": p.total_memory, "multiprocessors": p.multi_processor_count,
-                "compute_capability": f"{p.major}.{p.minor}"} for p in props]
-    return {"count": len(props), "names": [p.name for p in props], "topology": topology, "topology_source": source,
-            "devices": devices}
-
-
 def generation_options(opts: BenchOptions, device: torch.device) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """(keywords for greedy_generate, what was used, notes): `compile` and `prefill_chunk` are passed only
     where this version of the generation API accepts them."""
@@ -449,8 +429,8 @@ def results_folder(opts: BenchOptions, out: Path, run_name: str | None) -> Path:
 
 def _write(folder: Path, rows: list[dict[str, Any]], info: dict[str, Any]) -> None:
     add_ratios(rows)
-    _write_csv(folder / "bench.csv", BENCH_COLUMNS, rows)
-    _write_csv(folder / "summary.csv", SUMMARY_COLUMNS, [summary_row(r, info) for r in rows])
+    atomic_write(folder / "bench.csv", csv_text(BENCH_COLUMNS, rows))
+    atomic_write(folder / "summary.csv", csv_text(SUMMARY_COLUMNS, [summary_row(r, info) for r in rows]))
 
 
 def cells(opts: BenchOptions) -> Iterator[tuple[str, int, int]]:
@@ -479,7 +459,7 @@ def run_bench(model: torch.nn.Module, info: dict[str, Any], opts: BenchOptions, 
               "attn_implementation": "arkv (SDPA inside)", "compile": used["compile"],
               "prefill_chunk": used["prefill_chunk"], "find_max_batch": opts.find_max_batch,
               "hbm_copy_bytes_per_s": bandwidth, "weights_bytes": weights, "weights_read_bytes_per_step": weights_read,
-              "gpus": gpu_inventory(), "notes": notes, "options": asdict(opts), "provenance": provenance(info)}
+              "notes": notes, "options": asdict(opts), "provenance": provenance(info)}
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "config.tmp"
     tmp.write_text(json.dumps(config, indent=2, default=str))

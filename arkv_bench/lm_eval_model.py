@@ -44,9 +44,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,8 +58,10 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
+from arkv_bench.budgets import budget_for, cache_options, check_cache, smallest_budget
 from arkv_bench.cache import METHODS, make_cache, prepare_model
 from arkv_bench.generation import clock, extend, greedy_generate, prefill
+from arkv_bench.measures import PeakMemory, eos_ids, row_decode, weights_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -101,29 +105,14 @@ class ArkvLM(HFLM):
                  **method_options: Any) -> None:
         from arkv_bench.models import ModelError, load_model
 
-        name = quant_type or method or "full"
-        if name not in METHODS:
-            raise ValueError(f"arkv: unknown quant_type {name!r}; valid methods: {', '.join(METHODS)}")
-        cls = METHODS[name]
-        unknown = sorted(k for k in method_options if k not in cls.defaults)
-        if unknown:
-            options = [k for k in cls.defaults if k not in ("cache_size", "window_size")]
-            raise ValueError(f"arkv: unknown model argument(s) {', '.join(unknown)}; method {name!r} takes "
-                             f"{', '.join(options) or 'no options'} besides cache_size and window_size, and the "
-                             f"model takes {', '.join(a for a in _OWN_ARGS if a != 'method')}")
-        self.quant_type = name
-        self.window_size = int(window_size if window_size is not None else cls.defaults["window_size"])
-        size = cache_size if cache_size is not None else cls.defaults.get("cache_size")
-        self.cache_size = _check_size(size, self.window_size) if cls.budgeted else None
+        self.quant_type, self.window_size, self.cache_size = method_settings(quant_type or method, cache_size,
+                                                                             window_size, method_options)
         self.method_options = dict(method_options)
         self.score_chunk_size = int(score_chunk_size) if score_chunk_size else None
         self.progress_bars = bool(progress_bars)
         self.request_log: list[dict[str, Any]] = []
         self._active: list[Any] | None = None
         self._warned_sampling = False
-        # Reject bad options now, not at the first request.
-        probe = self.cache_size if not isinstance(self.cache_size, float) else self.window_size + 1
-        make_cache(name, _ProbeConfig(), **self._cache_options(probe))
 
         if isinstance(pretrained, str) or pretrained is None:
             device = _device(device)
@@ -150,30 +139,22 @@ class ArkvLM(HFLM):
         self._max_gen_toks = int(max_gen_toks)
         if self.quant_type != "full":
             prepare_model(self.model)
-        eos = self.model.generation_config.eos_token_id if self.model.generation_config is not None else None
-        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
-        self.eos_ids = sorted({e for e in [*eos, self.tokenizer.eos_token_id] if e is not None})
+        self.eos_ids = eos_ids(self.model, self.tokenizer)
+        self.weights_bytes = weights_bytes(self.model)
 
     # --- configuration -----------------------------------------------------------------------
     @property
     def max_gen_toks(self) -> int:
         return self._max_gen_toks
 
-    def _cache_options(self, budget: int | None) -> dict[str, Any]:
-        cls = METHODS[self.quant_type]
-        sized = {"cache_size": budget} if cls.budgeted else {}
-        return {**self.method_options, **sized, "window_size": self.window_size}
-
     def budget(self, prompt_tokens: int) -> int | None:
         """This prompt's token budget: the cache size, or its fraction of the prompt."""
-        size = self.cache_size
-        if size is None:
-            return None
-        return size if isinstance(size, int) else max(round(size * prompt_tokens), self.window_size + 1)
+        return budget_for(self.cache_size, prompt_tokens, self.quant_type, self.window_size, self.method_options)
 
     def new_cache(self, prompt_tokens: int) -> tuple[Any, int | None]:
         budget = self.budget(prompt_tokens)
-        return make_cache(self.quant_type, self.model.config, **self._cache_options(budget)), budget
+        options = cache_options(self.quant_type, budget, self.window_size, self.method_options)
+        return make_cache(self.quant_type, self.model.config, **options), budget
 
     def get_model_info(self) -> dict[str, Any]:
         return {"model_num_parameters": sum(p.numel() for p in self.model.parameters()),
@@ -239,7 +220,8 @@ class ArkvLM(HFLM):
         bar = tqdm(total=len(items), disable=disable_tqdm or not self.progress_bars or self.rank != 0,
                    desc="arkv loglikelihood")
         for group_id, (head, members) in enumerate(groups.items()):
-            base, budget, first, prefill_s, peak = self._prefill(list(head))
+            memory = PeakMemory(self.device)
+            base, budget, first, prefill_s = self._prefill(list(head))
             for n, (i, cont) in enumerate(members):
                 cache = base if n == len(members) - 1 else _copy(base)
                 t0 = clock(self.device)
@@ -247,29 +229,25 @@ class ArkvLM(HFLM):
                 score_s = clock(self.device) - t0
                 results[i] = (logprobs, greedy)
                 stats = cache.stats()
-                peak_now = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
                 self.request_log.append({
                     **metas[i], "prompt_tokens": len(head), "continuation_tokens": len(cont), "budget": budget,
                     "prefill_group": group_id, "prefill_s": prefill_s, "score_s": score_s, "ttft_s": None,
                     "itl_s": [], "decode_tokens": 0, "batch_rows": 1, "batch_row": 0,
                     "kv_bytes": stats["kv_bytes"], "kv_bytes_full": stats["kv_bytes_full"],
                     "compressed": stats["compressed"], "layers": stats["layers"],
-                    "peak_mem_bytes": max(p for p in (peak, peak_now) if p is not None) if peak is not None else None,
+                    "peak_mem_bytes": memory.read(),
                     "loglikelihood": logprobs, "is_greedy": greedy})
                 bar.update(1)
         bar.close()
         return [r for r in results if r is not None]
 
-    def _prefill(self, head: list[int]) -> tuple[Any, int | None, torch.Tensor, float, int | None]:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+    def _prefill(self, head: list[int]) -> tuple[Any, int | None, torch.Tensor, float]:
         cache, budget = self.new_cache(len(head))
         ids = torch.tensor([head], dtype=torch.long, device=self.device)
         t0 = clock(self.device)
         logits = prefill(self.model, ids, torch.ones_like(ids), cache)
         prefill_s = clock(self.device) - t0
-        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-        return cache, budget, logits[0].float(), prefill_s, peak
+        return cache, budget, logits[0].float(), prefill_s
 
     @torch.inference_mode()
     def _continue(self, cache: Any, n_head: int, first: torch.Tensor, cont: list[int], chunk: int | None
@@ -338,10 +316,10 @@ class ArkvLM(HFLM):
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         lengths = mask.sum(-1).tolist()
         cache, budget = self.new_cache(int(max(lengths)))
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        memory = PeakMemory(self.device)
         gen = greedy_generate(self.model, input_ids, mask, cache, max_gen, self.eos_ids, self._stopper(until))
-        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        peak = memory.read()
+        head = _meta(requests[0], "generate_until")
         rows = len(requests)
         texts = []
         for row, (request, tokens) in enumerate(zip(requests, gen.tokens)):
@@ -351,6 +329,8 @@ class ArkvLM(HFLM):
                 **_meta(request, "generate_until"), "prompt_tokens": int(lengths[row]), "budget": budget,
                 "prefill_s": gen.prefill_s, "ttft_s": gen.ttft_s, "itl_s": list(gen.itl_s),
                 "decode_tokens": len(tokens), "batch_rows": rows, "batch_row": row,
+                **dict(zip(("decode_steps", "decode_s"), row_decode(gen.itl_s, gen.generated[row]))),
+                "batch_id": f"{head['task']}/{head['doc_id']}/{head['request_idx']}",
                 "kv_bytes": gen.kv_bytes / rows, "kv_bytes_full": gen.kv_bytes_full / rows,
                 "compressed": bool(gen.stats.get("compressed")), "layers": gen.stats.get("layers", []),
                 "peak_mem_bytes": peak, "generation": texts[-1]})
@@ -369,13 +349,41 @@ class ArkvLM(HFLM):
         return should_stop
 
 
-class _ProbeConfig:
-    """Just enough of a model config for make_cache to check options."""
+def method_settings(quant_type: str | None, cache_size: Any, window_size: Any, method_options: dict[str, Any]
+                    ) -> tuple[str, int, int | float | None]:
+    """(method, window, cache size) from model arguments, checked as make_cache checks them, before any model
+    loads; ValueError naming the argument otherwise."""
+    name = quant_type or "full"
+    if name not in METHODS:
+        raise ValueError(f"arkv: unknown quant_type {name!r}; valid methods: {', '.join(METHODS)}")
+    cls = METHODS[name]
+    unknown = sorted(k for k in method_options if k not in cls.defaults)
+    if unknown:
+        options = [k for k in cls.defaults if k not in ("cache_size", "window_size")]
+        raise ValueError(f"arkv: unknown model argument(s) {', '.join(unknown)}; method {name!r} takes "
+                         f"{', '.join(options) or 'no options'} besides cache_size and window_size, and the "
+                         f"model takes {', '.join(a for a in _OWN_ARGS if a != 'method')}")
+    window = window_size if window_size is not None else cls.defaults["window_size"]
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"arkv: window_size must be a positive whole number, got {window!r}")
+    size = cache_size if cache_size is not None else cls.defaults.get("cache_size")
+    size = _check_size(size, window) if cls.budgeted else None
+    probe = size if not isinstance(size, float) else smallest_budget(name, window, method_options)
+    check_cache(name, probe, window, method_options)  # bad options fail now, not at the first request
+    return name, window, size
 
-    num_hidden_layers = 1
 
-    def get_text_config(self) -> "_ProbeConfig":
-        return self
+def check_model_args(args: dict[str, Any]) -> None:
+    """`--model_args` of `--model arkv`, checked before lm-eval loads anything (ValueError naming the problem)."""
+    from arkv_bench.models import _looks_like_path
+
+    pretrained = args.get("pretrained")
+    if isinstance(pretrained, str) and _looks_like_path(pretrained) and not Path(pretrained).expanduser().exists():
+        raise ValueError(f"arkv: pretrained={pretrained} does not exist; pass a model folder, a .gguf file, a Hub "
+                         f"id or smollm2-135m")
+    options = {k: v for k, v in args.items() if k not in _OWN_ARGS}
+    method_settings(args.get("quant_type") or args.get("method"), args.get("cache_size"), args.get("window_size"),
+                    options)
 
 
 def _device(device: str | None) -> str:
@@ -394,7 +402,7 @@ def _device(device: str | None) -> str:
 
 
 def _check_size(size: Any, window: int) -> int | float:
-    if isinstance(size, bool) or not isinstance(size, (int, float)):
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or not math.isfinite(size) or size > 2 ** 31:
         raise ValueError(f"arkv: cache_size must be a token count or a fraction in (0, 1], got {size!r}")
     if isinstance(size, float) and size.is_integer() and size > 1:
         size = int(size)

@@ -272,7 +272,7 @@ LONGBENCH_FIRST_LINE_DATASETS: frozenset[str] = frozenset({"trec", "triviaqa", "
 """Few-shot datasets whose prediction is cut to its first line: models tend to keep
 writing further few-shot examples after the answer."""
 
-METRIC_NAMES: frozenset[str] = frozenset(_LONGBENCH_METRIC_FNS) | {"gsm8k", "passkey", "accuracy"}
+METRIC_NAMES: frozenset[str] = frozenset(_LONGBENCH_METRIC_FNS) | {"gsm8k", "passkey", "accuracy", "ruler", "perplexity"}
 """Every metric name a task definition may use."""
 
 

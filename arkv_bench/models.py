@@ -13,6 +13,7 @@ actionable message.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from arkv_bench.options import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _TRUTHY = {"1", "ON", "YES", "TRUE"}
 
 
-class ModelError(ValueError):
+class ModelError(UsageError):
     """A model could not be resolved or loaded; the message says what to do instead."""
 
 
@@ -208,7 +211,13 @@ def ensure_converted(gguf: Path, out_dir: Path) -> Path:
     t0 = time.perf_counter()
 
     def write(tmp: Path) -> None:
-        _write_gguf_as_folder(gguf, tmp)
+        try:
+            _write_gguf_as_folder(gguf, tmp)
+        except ModelError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the gguf reader raises many kinds for a file that is not GGUF
+            raise ModelError(f"{gguf} is not a GGUF model transformers can read ({_first_line(e)}); "
+                             f"pass a .gguf model file or a model folder") from e
         (tmp / _MARKER).write_text(json.dumps(_marker_for(gguf)))
 
     publish_atomically(out_dir, write, keep_existing=lambda d: is_converted(d, gguf))
@@ -225,11 +234,19 @@ def publish_atomically(
     half-written ``out_dir``. If another process published a good folder meanwhile
     (``keep_existing`` says so), that one is kept and may already be in use.
     """
+    made = [p for p in (out_dir.parent, *out_dir.parent.parents) if not p.exists()]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _sweep_stale_tmp(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            for folder in made:  # a failed first conversion leaves no empty cache folders behind
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
         _make_readable(tmp)
         if keep_existing is not None and keep_existing(out_dir):
             return out_dir
@@ -481,7 +498,7 @@ def _load_tokenizer_from(source: str, local_only: bool, trust_remote_code: bool)
 
     try:
         tok = AutoTokenizer.from_pretrained(source, local_files_only=local_only, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, ImportError) as e:
+    except Exception as e:  # noqa: BLE001 - a broken tokenizer file can raise anything
         raise ModelError(f"could not load the tokenizer of {source!r}: {_first_line(e)}") from e
     return _prepare_tokenizer(tok)
 
@@ -498,13 +515,18 @@ def load_model(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     attn_implementation: str = "sdpa",
+    device_map: str | None = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Load ``(model, tokenizer, info)`` ready for inference (eval mode, no grads).
 
     ``spec``: None or an alias in EMBEDDED_ALIASES for the embedded SmolLM2-135M, a local folder,
     a ``.gguf`` file, or a Hub id (only from the local cache when HF_HUB_OFFLINE=1).
+    ``device_map="auto"`` spreads the layers over every visible GPU (accelerate), for models larger
+    than one card; each layer's cache then lives on its layer's GPU.
     """
-    dev = resolve_device(device)
+    if device_map is not None and not torch.cuda.is_available():
+        raise ModelError("--device-map auto needs CUDA GPUs; none is visible (leave --device-map out on CPU)")
+    dev = resolve_device("cuda" if device_map is not None else device)
     torch_dtype = resolve_dtype(dtype, dev)
     source, name, local_only = resolve_source(spec)
     from transformers import AutoModelForCausalLM
@@ -517,10 +539,13 @@ def load_model(
             attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,
             local_files_only=local_only,
+            **({"device_map": device_map} if device_map is not None else {}),
         )
-    except (OSError, ValueError, ImportError) as e:
-        raise ModelError(f"could not load model {name!r}: {_first_line(e)}") from e
-    model.to(dev)
+    except Exception as e:  # noqa: BLE001 - safetensors, torch and transformers raise many kinds for a bad file
+        raise ModelError(f"could not load model {name!r} ({source}): {_first_line(e)}; check the folder's weights "
+                         f"and config.json") from e
+    if device_map is None:
+        model.to(dev)
     model.eval()
     model.requires_grad_(False)
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -532,8 +557,15 @@ def load_model(
         "attn_implementation": attn_implementation,
         "max_positions": getattr(text_config, "max_position_embeddings", None),
         "has_chat_template": bool(getattr(tokenizer, "chat_template", None)),
+        "devices": [str(d) for d in model_devices(model)],
     }
     return model, tokenizer, info
+
+
+def model_devices(model: torch.nn.Module) -> list[torch.device]:
+    """The devices holding the model's parameters (several under --device-map auto), in index order."""
+    found = {p.device for p in model.parameters()}
+    return sorted(found, key=lambda d: (d.type, d.index if d.index is not None else -1))
 
 
 def _first_line(e: BaseException) -> str:

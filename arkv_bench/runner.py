@@ -2,416 +2,323 @@
 
 Everything the user asked for is checked before anything is written. Each finished sample
 is appended to samples.jsonl at once; summary.csv and layer_stats.csv are rebuilt from it
-after every configuration, so a killed run loses at most the sample in flight and a rerun
-of the same command carries on where it stopped.
+after every configuration, so a killed run loses at most the batch in flight and a rerun
+of the same command carries on where it stopped. Every suite runs through the same loop
+(arkv_bench.suites.base.Suite), with the same warm-up before each configuration.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
 import json
+import os
 import re
+import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 
+from arkv_bench import budgets
 from arkv_bench.cache import METHODS, make_cache, prepare_model
-from arkv_bench.generation import Generation, clock, extend, greedy_generate, left_pad, prefill
-from arkv_bench.results import SampleLog, evicted_quantized, layer_vector, provenance, write_summaries
-from arkv_bench.suites import SUITES, Sample, SuiteOptions, build_samples, score
-from arkv_bench.suites.longbench import truncate_middle
-from arkv_bench.tasks import TaskSpec, load_task_specs
+from arkv_bench.distributed import Ranks, barrier, init
+from arkv_bench.generation import Generation, greedy_generate
+from arkv_bench.measures import eos_ids, weights_bytes
+from arkv_bench.options import RunOptions, UsageError
+from arkv_bench.results import SampleLog, provenance, write_summaries
+from arkv_bench.results_io import atomic_write, check_writable_folder, record_key, sample_files
+from arkv_bench.suites import Batch, Context, Suite, Task, get_suite
 
-CHAT_CHOICES = ("auto", "on", "off")
-WARMUP_TOKENS = 64
-# With a chat template the prompt ends "Answer:" + the template's closing tokens; the last few tokens
-# go through the compressed cache after prefill, as the tail does without a template.
-CHAT_TAIL_TOKENS = 8
+__all__ = ["Context", "RunOptions", "UsageError", "execute", "load_context", "open_run", "validate", "warm_up"]
 
-
-class UsageError(ValueError):
-    """Bad input from the user: the message names the problem and the fix."""
-
-
-@dataclass
-class RunOptions:
-    """Everything that defines a run (and so its results folder)."""
-
-    suite: str = "passkey"
-    tasks: list[str] | None = None
-    quant_types: list[str] = field(default_factory=lambda: ["full", "mix"])
-    cache_sizes: list[int | float] = field(default_factory=lambda: [1024])
-    window_size: int = 32
-    method_options: dict[str, Any] = field(default_factory=dict)
-    model: str | None = None
-    limit: int | None = None
-    batch_size: int = 1
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    chat_template: str = "auto"
-    trust_remote_code: bool = False
-    data_dir: str | None = None
-    num_fewshot: int | None = None
-    context_lengths: list[int] | None = None
-    depths: list[float] | None = None
-    samples_per_cell: int | None = None
-    max_length: int | None = None
-
-    def key(self) -> dict[str, Any]:
-        """The options that decide the results (and so must match to resume)."""
-        return asdict(self)
-
-    def default_run_name(self) -> str:
-        model = re.sub(r"[^A-Za-z0-9_.-]+", "_", (self.model or "smollm2-135m").rstrip("/").split("/")[-1])
-        digest = hashlib.sha1(json.dumps(self.key(), sort_keys=True, default=str).encode()).hexdigest()[:8]
-        return f"{self.suite}-{model}-{digest}"
+WARMUP_TOKENS = 64  # prompt tokens beyond the budget, so the warm-up compresses as the real samples do
+WARMUP_NEW_TOKENS = 4
+LOCK_FILE = ".arkv-bench.lock"  # held by the one process writing a run folder
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 # --- validation ---------------------------------------------------------------------------------
 
-def parse_cache_size(text: str) -> int | float:
-    """'1024' -> 1024 tokens; '0.2' -> a fifth of each prompt."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise UsageError(f"cache size {text!r} is not a number: use token counts like 512 or fractions like 0.2")
-    if value.is_integer() and value > 1:
-        return int(value)
-    if 0 < value <= 1:
-        return value
-    raise UsageError(f"cache size {text!r} must be a token count > 1 or a fraction in (0, 1]")
+def configurations(opts: RunOptions) -> Iterator[tuple[str, int | float | None]]:
+    """(method, cache size): methods without a budget run once."""
+    return budgets.configurations(opts.quant_types, opts.cache_sizes)
 
 
-LM_EVAL = "lm-eval"  # lm-evaluation-harness tasks: arkv_bench/suites/lm_eval_suite.py
-
-
-def task_specs(suite: str) -> dict[str, TaskSpec]:
-    if suite not in SUITES or suite == "longbench_e":
-        raise UsageError(f"unknown suite {suite!r}; valid suites: passkey, gsm8k, mmlu, longbench, {LM_EVAL}")
-    specs = load_task_specs(suite)
-    return {**specs, **load_task_specs("longbench_e")} if suite == "longbench" else specs
-
-
-def select_tasks(suite: str, wanted: list[str] | None) -> list[TaskSpec]:
-    """Tasks by name or glob (`*_e`); by default every task of the suite (LongBench: the 21 v1 ones)."""
-    specs = task_specs(suite)
-    if not wanted:
-        return [s for s in specs.values() if not (suite == "longbench" and s.name.endswith("_e"))]
-    chosen: list[TaskSpec] = []
-    for pattern in wanted:
-        hits = [s for name, s in specs.items() if fnmatch.fnmatchcase(name, pattern)]
-        if not hits:
-            raise UsageError(f"unknown task {pattern!r} for suite {suite}; valid: {', '.join(specs)}")
-        chosen += [h for h in hits if h not in chosen]
-    return chosen
-
-
-def validate(opts: RunOptions) -> list[TaskSpec]:
-    """Every check that needs no model; raises UsageError."""
-    if opts.suite == LM_EVAL:  # lm-eval builds its own requests: no TaskSpecs, the names are checked by lm-eval
-        from arkv_bench.suites.lm_eval_suite import LmEvalError, check_tasks
-
-        try:
-            check_tasks(opts.tasks, opts.data_dir)
-        except LmEvalError as e:
-            raise UsageError(str(e)) from e
-        tasks: list[TaskSpec] = []
-    else:
-        tasks = select_tasks(opts.suite, opts.tasks)
+def validate(opts: RunOptions) -> Suite:
+    """Every check that needs no model; the run's suite, or UsageError."""
+    suite = get_suite(opts.suite)
     for name in opts.quant_types:
         if name not in METHODS:
             raise UsageError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
-    if opts.window_size < 1:
-        raise UsageError(f"--window-size must be a positive integer, got {opts.window_size}")
     for size in opts.cache_sizes:
         if isinstance(size, int) and size <= opts.window_size and any(METHODS[m].budgeted for m in opts.quant_types):
             raise UsageError(f"cache size {size} must be larger than the window size {opts.window_size}")
-    for name, value in (("--limit", opts.limit), ("--batch-size", opts.batch_size), ("--num-fewshot", opts.num_fewshot),
-                        ("--samples-per-cell", opts.samples_per_cell), ("--max-length", opts.max_length)):
-        least = 1 if name in ("--batch-size", "--samples-per-cell") else 0
-        if value is not None and value < least:
-            raise UsageError(f"{name} must be {'at least 1' if least else 'zero or more'}, got {value}")
-    if opts.chat_template not in CHAT_CHOICES:
-        raise UsageError(f"--chat-template must be one of {', '.join(CHAT_CHOICES)}")
-    for depth in opts.depths or []:
-        if not 0 <= depth <= 1:
-            raise UsageError(f"depth {depth} must be in [0, 1]")
-    if opts.data_dir is not None and not Path(opts.data_dir).is_dir():
-        raise UsageError(f"--data-dir {opts.data_dir} is not a folder")
     sizes = [k for k in opts.method_options if k in ("cache_size", "window_size")]
     if sizes:
         raise UsageError(f"{sizes[0]} is not a method option: use --{sizes[0].replace('_', '-')}")
     unknown = [k for k in opts.method_options if not any(k in METHODS[m].defaults for m in opts.quant_types)]
     if unknown:
         raise UsageError(f"no selected method has option {', '.join(unknown)}; see `arkv-bench list` for each method's options")
-    check_caches(opts, _FakeConfig())
-    return tasks
+    if opts.device_map is not None and Ranks.from_env().world > 1:
+        raise UsageError("--device-map auto spreads one model over all GPUs; it cannot be combined with several "
+                         "data-parallel ranks (--gpus / torchrun): use one or the other")
+    check_caches(opts)
+    suite.check(opts)  # last: it may read the data
+    return suite
 
 
-def check_caches(opts: RunOptions, model_config: Any, prefix: str = "") -> None:
-    """Build each (method, cache size) once, so impossible options fail before anything is written."""
+def check_caches(opts: RunOptions, model_config: Any = None, prefix: str = "") -> None:
+    """Build each (method, cache size) once, so impossible options fail before anything is written.
+    A fraction is checked with the smallest budget it can get (budgets.budget_for)."""
     for method, size in configurations(opts):
-        # a fraction's budget is at least window + 1 (budget_for): check that smallest case
-        budget = None if size is None else size if isinstance(size, int) else opts.window_size + 1
+        budget = size if not isinstance(size, float) else \
+            budgets.smallest_budget(method, opts.window_size, opts.method_options)
         try:
-            make_cache(method, model_config, **cache_options(opts, method, budget))
+            budgets.check_cache(method, budget, opts.window_size, opts.method_options, model_config)
         except ValueError as e:
             raise UsageError(f"{prefix}{e}") from e
 
 
-class _FakeConfig:
-    """Just enough of a model config to validate options before a model is loaded."""
+# --- the model -----------------------------------------------------------------------------------
 
-    num_hidden_layers = 1
-
-    def get_text_config(self) -> "_FakeConfig":
-        return self
-
-
-def cache_options(opts: RunOptions, method: str, budget: int | None) -> dict[str, Any]:
-    """make_cache options of one method: its budget, the window, and the method options it declares."""
-    cls = METHODS[method]
-    mine = {k: v for k, v in opts.method_options.items() if k in cls.defaults}
-    sized = {"cache_size": budget} if cls.budgeted else {}
-    return {**mine, **sized, "window_size": opts.window_size}
-
-
-def budget_for(size: int | float, prompt_tokens: int, window: int) -> int:
-    """A fraction of the prompt (at least window + 1 tokens), or the token count itself."""
-    return size if isinstance(size, int) else max(round(size * prompt_tokens), window + 1)
-
-
-def configurations(opts: RunOptions) -> Iterator[tuple[str, int | float | None]]:
-    """(method, cache size): methods without a budget run once."""
-    for method in opts.quant_types:
-        if METHODS[method].budgeted:
-            for size in opts.cache_sizes:
-                yield method, size
-        else:
-            yield method, None
+def budget_notes(opts: RunOptions, tasks: list[Task]) -> list[str]:
+    """A fraction is a share of each prompt, but at least the smallest budget its method accepts: say where that
+    raises it. A fraction that rounds to no token at all on the shortest prompt is an error (UsageError)."""
+    lengths = [len(s.ids) for t in tasks for s in t.samples if s.ids]
+    notes = []
+    for method, size in configurations(opts):
+        if not (isinstance(size, float) and lengths):
+            continue
+        shortest, floor = min(lengths), budgets.smallest_budget(method, opts.window_size, opts.method_options)
+        if round(size * shortest) < 1:
+            raise UsageError(f"cache size {size:g} of the shortest prompt ({shortest} tokens) is no token at all: "
+                             f"use a larger fraction or a token count")
+        raised = sum(round(size * n) < floor for n in lengths)
+        if raised:
+            notes.append(f"cache size {size:g} with {method}: {raised} of {len(lengths)} prompts get the smallest "
+                         f"budget {method} accepts ({floor} tokens) instead of {size:g} of their length")
+    return notes
 
 
-# --- prompts -------------------------------------------------------------------------------------
+def load_context(opts: RunOptions, ranks: Ranks = Ranks()) -> Context:
+    """Load the run's model (ModelError if it cannot be) with the one EOS rule and its weights' bytes;
+    in a data-parallel run, on the rank's own GPU."""
+    from arkv_bench.models import load_model
 
-def wants_chat(opts: RunOptions, spec: TaskSpec, tokenizer: Any) -> bool:
-    has = bool(getattr(tokenizer, "chat_template", None))
-    if opts.chat_template == "on" and not has:
-        raise UsageError("--chat-template on, but the model's tokenizer has no chat template")
-    return has and (opts.chat_template == "on" or (opts.chat_template == "auto" and spec.chat_template))
-
-
-def encode(tokenizer: Any, text: str, chat: bool) -> list[int]:
-    if chat:
-        out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=True)
-        return list(out["input_ids"])
-    return tokenizer(text).input_ids
+    model, tokenizer, info = load_model(opts.model, ranks.device(opts.device), opts.dtype, opts.trust_remote_code,
+                                        attn_implementation="arkv", device_map=opts.device_map)
+    info["weights_bytes"] = weights_bytes(model)
+    ctx = Context(model=model, tokenizer=tokenizer, opts=opts, info=info, eos=eos_ids(model, tokenizer))
+    check_caches(opts, model.config, prefix=f"{info['model']}: ")
+    return ctx
 
 
-# --- one batch -----------------------------------------------------------------------------------
-
-@dataclass
-class Context:
-    model: Any
-    tokenizer: Any
-    opts: RunOptions
-    info: dict[str, Any]
-    eos: list[int]
-
-
-def _stopper(tokenizer: Any, stops: tuple[str, ...]) -> Callable[[list[int]], bool] | None:
-    if not stops:
-        return None
-    return lambda ids: any(s in tokenizer.decode(ids[-32:], skip_special_tokens=False) for s in stops)
-
-
-def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
-    for stop in stops:
-        if stop in text:
-            text = text[:text.index(stop)]
-    return text
-
-
-def choose(ctx: Context, ids: list[int], n_tail: int, choices: list[str], cache: Any) -> tuple[str, Generation]:
-    """Log-likelihood choice: prefill all but the tail through the cache, feed the tail, compare choices."""
-    device = ctx.model.device
-    head, tail = ids[:-n_tail], ids[-n_tail:]
-    input_ids, mask = left_pad([head], 0, device)
-    t0 = clock(device)
-    prefill(ctx.model, input_ids, mask, cache)
-    logits, _ = extend(ctx.model, torch.tensor([tail], device=device), mask, cache)
-    elapsed = clock(device) - t0
-    first = [ctx.tokenizer(c, add_special_tokens=False).input_ids[0] for c in choices]
-    best = int(logits[0, -1, first].argmax())
-    return choices[best].strip(), Generation(tokens=[[]], prefill_s=elapsed, ttft_s=elapsed, kv_bytes=cache.kv_bytes(),
-                                             kv_bytes_full=cache.full_kv_bytes(), host_bytes=cache.host_bytes(),
-                                             stats=cache.stats())
-
-
-def run_batch(ctx: Context, spec: TaskSpec, batch: list[Sample], method: str, size: int | float | None,
-              chat: bool) -> list[dict[str, Any]]:
-    """Run a batch of samples with one method; return their records."""
-    tok, opts = ctx.tokenizer, ctx.opts
-    encoded = [encode(tok, s.prompt + s.tail, chat) for s in batch]
-    budget = None if size is None else budget_for(size, len(encoded[0]), opts.window_size)
-    cache = make_cache(method, ctx.model.config, **cache_options(opts, method, budget))
-    device = ctx.model.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    if batch[0].choices:
-        n_tail = len(tok(batch[0].tail, add_special_tokens=False).input_ids) if not chat else CHAT_TAIL_TOKENS
-        answer, gen = choose(ctx, encoded[0], n_tail, batch[0].choices, cache)
-        predictions = [answer]
-    else:
-        input_ids, mask = left_pad(encoded, tok.pad_token_id or 0, device)
-        gen = greedy_generate(ctx.model, input_ids, mask, cache, batch[0].max_new_tokens, ctx.eos,
-                              _stopper(tok, spec.stop))
-        predictions = [_cut_at_stop(tok.decode(t, skip_special_tokens=True), spec.stop) for t in gen.tokens]
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    layers = gen.stats.get("layers", [])
-    return [{**_record(spec, s, method, size, budget, ids, pred, gen, i, len(batch), peak, layers),
-             "window_size": opts.window_size} for i, (s, ids, pred) in enumerate(zip(batch, encoded, predictions))]
-
-
-def _record(spec: TaskSpec, sample: Sample, method: str, size: int | float | None, budget: int | None,
-            ids: list[int], prediction: str, gen: Generation, row: int, rows: int, peak: int | None,
-            layers: list[dict[str, Any]]) -> dict[str, Any]:
-    per_layer = [layer_vector(layer) for layer in layers]
-    evicted, quantized = evicted_quantized(per_layer)
-    return {"suite": spec.suite, "task": spec.name, "sample_id": sample.sample_id, "quant_type": method,
-            "cache_size": size, "budget": budget, "status": "ok", "prompt_tokens": len(ids),
-            "prediction": prediction, "references": sample.references, "score": score(spec, sample, prediction),
-            "prefill_s": gen.prefill_s, "ttft_ms": gen.ttft_s * 1000, "itl_ms": [t * 1000 for t in gen.itl_s],
-            "decode_tokens": len(gen.tokens[row]), "batch_rows": rows, "batch_row": row,
-            "kv_bytes": gen.kv_bytes / rows, "kv_bytes_full": gen.kv_bytes_full / rows,
-            "host_bytes": gen.host_bytes / rows,
-            "compressed": bool(gen.stats.get("compressed")), "evicted_frac": evicted, "quantized_frac": quantized,
-            "peak_mem_bytes": peak, "layers": per_layer, "extra": {k: v for k, v in sample.extra.items()
-                                                                     if k != "all_classes"}}
-
-
-def oom_record(spec: TaskSpec, sample: Sample, method: str, size: int | float | None,
-               window: int | None = None) -> dict[str, Any]:
-    return {"suite": spec.suite, "task": spec.name, "sample_id": sample.sample_id, "quant_type": method,
-            "cache_size": size, "window_size": window, "status": "oom", "references": sample.references, "extra": {}}
-
-
-def warm_up(ctx: Context, method: str) -> None:
-    """One short untimed generation, so the first timed sample does not pay for kernel selection."""
-    if ctx.model.device.type != "cuda":
-        return
-    ids = torch.randint(10, 1000, (1, WARMUP_TOKENS), device=ctx.model.device)
-    budget = WARMUP_TOKENS // 2 if METHODS[method].budgeted else None
-    opts = cache_options(ctx.opts, method, max(budget or 0, ctx.opts.window_size + 1) if budget else None)
-    greedy_generate(ctx.model, ids, torch.ones_like(ids), make_cache(method, ctx.model.config, **opts), 4)
-
-
-# --- the run -------------------------------------------------------------------------------------
-
-def prepare_samples(ctx: Context, spec: TaskSpec) -> tuple[list[Sample], bool]:
+def warm_up(ctx: Context, method: str, size: int | float | None) -> Generation:
+    """One short untimed generation with the configuration's own cache options, so the first timed
+    sample does not pay for kernel selection or lazy allocation (on every device and suite)."""
     opts = ctx.opts
-    chat = wants_chat(opts, spec, ctx.tokenizer)
-    suite_opts = SuiteOptions(data_dir=Path(opts.data_dir) if opts.data_dir else None, limit=opts.limit,
-                              num_fewshot=opts.num_fewshot, context_lengths=opts.context_lengths,
-                              depths=opts.depths, samples_per_cell=opts.samples_per_cell, seed=opts.seed)
-    samples = build_samples(spec, suite_opts, ctx.tokenizer, chat)
-    if spec.suite.startswith("longbench"):
-        limit = opts.max_length or (ctx.info.get("max_positions") or 8192) - spec.max_new_tokens - 64
-        for s in samples:
-            s.prompt = truncate_middle(ctx.tokenizer, s.prompt, limit)
-    return samples, chat
+    smallest = budgets.smallest_budget(method, opts.window_size, opts.method_options)
+    target = (size if isinstance(size, int) else smallest) + WARMUP_TOKENS if METHODS[method].budgeted \
+        else WARMUP_TOKENS
+    n = min(target, (ctx.info.get("max_positions") or target + WARMUP_NEW_TOKENS) - WARMUP_NEW_TOKENS)
+    budget = budgets.budget_for(size, n, method, opts.window_size, opts.method_options)
+    cache = make_cache(method, ctx.model.config,
+                       **budgets.cache_options(method, budget, opts.window_size, opts.method_options))
+    generator = torch.Generator().manual_seed(0)
+    vocab = ctx.model.config.get_text_config().vocab_size
+    ids = torch.randint(0, vocab, (1, n), generator=generator).to(ctx.model.device)
+    return greedy_generate(ctx.model, ids, torch.ones_like(ids), cache, WARMUP_NEW_TOKENS)
 
 
-def batches(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
-    for i in range(0, len(samples), size):
-        yield samples[i:i + size]
+# --- the run folder ------------------------------------------------------------------------------
+
+def _lock(folder: Path) -> FileLock:
+    """The run folder's lock, taken at once or UsageError: one process writes a run folder at a time."""
+    lock = FileLock(str(folder / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UsageError(f"another arkv-bench process is writing {folder} now; wait for it to end (the same command "
+                         f"then resumes) or choose another --run-name") from None
+    return lock
 
 
-def check_run_folder(opts: RunOptions, out: Path, run_name: str | None) -> Path:
-    """The run folder; raises UsageError (writing nothing) if it holds another run's results."""
-    folder = out / (run_name or opts.default_run_name())
+def check_run_folder(opts: RunOptions, out: Path, run_name: str | None, probe_lock: bool = True) -> Path:
+    """The run folder; raises UsageError (writing nothing) if it is outside --out, not writable, in use, or
+    holds another run's results."""
+    name = run_name if run_name is not None else opts.default_run_name()
+    if not _RUN_NAME.fullmatch(name) or name in (".", ".."):
+        raise UsageError(f"--run-name {name!r} must be one folder name (letters, digits, '.', '_', '-', not "
+                         f"starting with '.' or '-'); the run folder is always made inside --out")
+    check_writable_folder(out, "--out")
+    folder = out / name
     config_path = folder / "config.json"
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder} is a file, not a results folder: choose another --out or --run-name")
     if config_path.exists():
         try:
             previous = json.loads(config_path.read_text())
-        except (OSError, ValueError):
-            previous = {}
+        except (OSError, ValueError, UnicodeDecodeError):
+            raise UsageError(f"{config_path} is not readable JSON (corrupted?): remove {folder} to start over, "
+                             f"or choose another --run-name") from None
         if not isinstance(previous, dict) or previous.get("options") != json.loads(json.dumps(opts.key(), default=str)):
             raise UsageError(f"{folder} holds a different run's results: choose another --run-name or remove it")
-    elif folder.exists() and not folder.is_dir():
-        raise UsageError(f"{folder} is a file, not a results folder: choose another --out or --run-name")
+    if folder.is_dir():
+        check_writable_folder(folder, "--run-name")
+        log = folder / "samples.jsonl"
+        if log.exists() and not os.access(log, os.W_OK):
+            raise UsageError(f"{log} is not writable, so this run cannot resume: fix its permissions or choose "
+                             f"another --run-name")
+        if probe_lock and (folder / LOCK_FILE).exists():
+            _lock(folder).release()
     return folder
 
 
-def check_model(ctx: Context) -> None:
-    """Every selected method can build its cache for this model (checked before anything is written)."""
-    check_caches(ctx.opts, ctx.model.config, prefix=f"{ctx.info['model']}: ")
-
-
-def open_run(opts: RunOptions, out: Path, run_name: str | None, info: dict[str, Any], chats: dict[str, bool]
-             ) -> tuple[Path, SampleLog]:
-    """Create or reopen the run folder; a folder of another run under the same name is an error."""
+def open_run(opts: RunOptions, out: Path, run_name: str | None, info: dict[str, Any], chats: dict[str, bool],
+             samples_file: str = "samples.jsonl") -> tuple[Path, SampleLog, FileLock]:
+    """Create or reopen the run folder under its lock (held until released); a folder of another run under the
+    same name, or one another process writes, is an error."""
     folder = check_run_folder(opts, out, run_name)
-    config_path = folder / "config.json"
-    key = opts.key()
     # the documented keys (docs/results-format.md) on top; "options" is what a resume must match
     config = {"run_name": folder.name, "suite": opts.suite, "tasks": list(chats), "quant_types": opts.quant_types,
               "cache_sizes": opts.cache_sizes, "window_size": opts.window_size,
               "method_options": opts.method_options, "model": info["model"], "limit": opts.limit,
               "batch_size": opts.batch_size, "seed": opts.seed, "device": info["device"], "dtype": info["dtype"],
-              "attn_implementation": "arkv (SDPA inside)",
+              "attn_implementation": "arkv (SDPA inside)", "weights_bytes": info.get("weights_bytes"),
               "chat_template": all(chats.values()) if len(set(chats.values())) <= 1 else chats,
-              "options": key, "provenance": provenance(info)}
+              "options": opts.key(), "provenance": provenance(info)}
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = config_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(config, indent=2, default=str))
-    tmp.replace(config_path)
-    return folder, SampleLog(folder / "samples.jsonl")
+    lock = _lock(folder)
+    try:
+        check_run_folder(opts, out, run_name, probe_lock=False)  # again under the lock: another process may have
+        # written it meanwhile
+        atomic_write(folder / "config.json", json.dumps(config, indent=2, default=str))
+        return folder, SampleLog(folder / samples_file), lock
+    except BaseException:
+        lock.release()
+        raise
 
 
-def plan(ctx: Context, tasks: list[TaskSpec]) -> list[tuple[TaskSpec, list[Sample], bool]]:
-    return [(spec, *prepare_samples(ctx, spec)) for spec in tasks]
+# --- the loop ------------------------------------------------------------------------------------
+
+def _records_of(log: SampleLog, suite: Suite, method: str, size: int | float | None) -> list[dict[str, Any]]:
+    key = "" if size is None else str(size)
+    return [r for r in log.records if r.get("suite") == suite.name and record_key(r)[2:] == (method, key)]
 
 
-def execute(ctx: Context, work: list[tuple[TaskSpec, list[Sample], bool]], folder: Path, log: SampleLog,
-            progress: Callable[[str, int], None] | None = None) -> None:
-    """Run every (task, method, cache size) not already in the log."""
-    opts = ctx.opts
-    if opts.suite == LM_EVAL:
-        from arkv_bench.suites.lm_eval_suite import LmEvalError, execute as execute_lm_eval
+def progress_counts(ctx: Context, suite: Suite, tasks: list[Task], log: SampleLog) -> tuple[int, int]:
+    """(progress steps of the whole run, steps already in the log)."""
+    total = pending = 0
+    for task in tasks:
+        for method, size in configurations(ctx.opts):
+            total += suite.units(task)
+            pending += sum(b.units for b in suite.batches(ctx, task, method, size,
+                                                          _records_of(log, suite, method, size)))
+    return total, total - pending
 
-        try:
-            execute_lm_eval(ctx, folder, log, progress)
-        except LmEvalError as e:  # e.g. a Hub dataset with no network: one clear line, not a traceback
-            raise UsageError(str(e)) from e
-        return
+
+@dataclass
+class Run:
+    """A run ready to execute: checked, its model loaded, its prompts built, its folder open."""
+
+    ctx: Context
+    suite: Suite
+    tasks: list[Task]
+    folder: Path
+    log: SampleLog
+    lock: FileLock | None = None
+    created: Path | None = None  # the outermost folder this process made for the run
+    notes: list[str] = field(default_factory=list)  # what the user should know before the numbers
+    ranks: Ranks = field(default_factory=Ranks)
+
+    def close(self, failed: bool) -> None:
+        """Release the folder; a run that failed before writing its first record leaves nothing behind."""
+        if self.lock is not None:
+            self.lock.release()
+        if failed and self.created is not None and not self.log.written:
+            shutil.rmtree(self.created, ignore_errors=True)
+
+
+def prepare(opts: RunOptions, out: Path, run_name: str | None, ranks: Ranks | None = None) -> Run:
+    """Check everything, load the model, build the prompts, then (only then) open the run folder.
+
+    In a data-parallel run rank 0 owns the folder (its lock, config.json); every rank appends to its
+    own sample log, and counts every rank's records as done (so a resume, with any number of ranks,
+    neither repeats nor loses a sample)."""
+    ranks = ranks or Ranks.from_env()
+    init(ranks)
+    suite = validate(opts)
+    folder = check_run_folder(opts, out, run_name, probe_lock=ranks.main)  # before the model loads
+    ctx = load_context(opts, ranks)
+    tasks = suite.plan(ctx)
+    notes = budget_notes(ctx.opts, tasks)
+    created = None
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        created = path
+    lock = None
+    if ranks.main:
+        folder, log, lock = open_run(opts, out, run_name, ctx.info, {t.name: t.chat for t in tasks},
+                                     ranks.samples_file())
+    barrier(ranks)  # the folder exists and is rank 0's
+    if not ranks.main:
+        log = SampleLog(folder / ranks.samples_file())
+    barrier(ranks)  # every rank's own log is repaired: now each may read the others'
+    log.include(sample_files(folder))
+    return Run(ctx=ctx, suite=suite, tasks=tasks, folder=folder, log=log, lock=lock,
+               created=created if ranks.main else None, notes=[n for n in (log.note, *notes) if n], ranks=ranks)
+
+
+def work_items(run: Run) -> list[tuple[Task, str, int | float | None, Batch]]:
+    """Every (task, method, cache size, batch) not yet in the logs, in one fixed order (the same on every rank)."""
+    items = []
+    for task in run.tasks:
+        for method, size in configurations(run.ctx.opts):
+            for batch in run.suite.batches(run.ctx, task, method, size, _records_of(run.log, run.suite, method, size)):
+                items.append((task, method, size, batch))
+    return items
+
+
+def execute(run: Run, progress: Callable[[str, int], None] | None = None) -> list[dict[str, Any]]:
+    """Run every (task, method, cache size) not already in the logs (a data-parallel rank: its share of
+    them); return the summary rows (rank 0, once every rank is done; other ranks: none)."""
+    ctx, suite, log, ranks = run.ctx, run.suite, run.log, run.ranks
     prepare_model(ctx.model)
-    warmed: set[str] = set()
-    for spec, samples, chat in work:
-        for method, size in configurations(opts):
-            todo = [s for s in samples if not log.has(spec.name, s.sample_id, method, size)]
-            if not todo:
-                continue
-            if method not in warmed:
-                warm_up(ctx, method)
-                warmed.add(method)
-            step = 1 if (isinstance(size, float) or todo[0].choices) else opts.batch_size
-            label = f"{method}@{size if size is not None else '-'} {spec.name}"
-            for batch in batches(todo, step):
-                try:
-                    records = run_batch(ctx, spec, batch, method, size, chat)
-                except (torch.OutOfMemoryError, MemoryError):
-                    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-                    for s in todo[todo.index(batch[0]):]:
-                        log.append(oom_record(spec, s, method, size, opts.window_size))
-                    break
-                for record in records:
-                    log.append(record)
-                if progress:
-                    progress(label, len(batch))
-            write_summaries(folder, ctx.info)
+    warmed: set[tuple[str, int | float | None]] = set()
+    mine = ranks.share(work_items(run))
+    counted = _records_written(run.folder)
+    for i, (task, method, size, batch) in enumerate(mine):
+        if (method, size) not in warmed:
+            warm_up(ctx, method, size)
+            warmed.add((method, size))
+        try:
+            records = suite.run(ctx, task, batch, method, size)
+        except (torch.OutOfMemoryError, MemoryError):  # the rest of this configuration is out of memory too
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            rest = [item for item in mine[i:] if _config(item) == _config(mine[i])]
+            records = [r for (_, _, _, b) in rest for r in suite.oom(ctx, task, b, method, size)]
+            mine[i + 1:] = [item for item in mine[i + 1:] if _config(item) != _config(mine[i])]
+        for record in records:
+            log.append(record)
+        if progress:  # rank 0 of several counts every rank's records: the bar shows the whole run
+            now = _records_written(run.folder) if ranks.world > 1 else counted + batch.units
+            progress(f"{method}@{size if size is not None else '-'} {task.name}", now - counted)
+            counted = now
+        if ranks.world == 1 and (i + 1 == len(mine) or _config(mine[i + 1]) != _config(mine[i])):
+            write_summaries(run.folder, ctx.info)
+    barrier(ranks)  # every rank has finished its share
+    if progress and ranks.world > 1:
+        progress("all ranks done", _records_written(run.folder) - counted)
+    return write_summaries(run.folder, ctx.info) if ranks.main else []
+
+
+def _config(item: tuple[Task, str, int | float | None, Batch]) -> tuple[str, str, str]:
+    return item[0].name, item[1], str(item[2])
+
+
+def _records_written(folder: Path) -> int:
+    """Lines in all of the run's sample logs (each a record)."""
+    return sum(1 for path in sample_files(folder) for _ in path.open(encoding="utf-8", errors="replace"))

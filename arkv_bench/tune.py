@@ -19,7 +19,6 @@ default ranges and are tried first, so the search starts from them.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime
 import hashlib
@@ -35,7 +34,9 @@ from typing import Any
 import yaml
 
 from arkv_bench.cache import METHODS
+from arkv_bench.results_io import atomic_write, csv_text
 from arkv_bench.cache.arkv import PAPER
+from arkv_bench.options import RunOptions, UsageError, config_mapping
 
 # log-uniform ranges; each holds the paper's value with room on both sides
 DEFAULT_RANGES: dict[str, tuple[float, float]] = {"tau1": (0.5, 50.0), "tau2": (0.5, 50.0), "tau3": (0.5, 50.0),
@@ -43,19 +44,15 @@ DEFAULT_RANGES: dict[str, tuple[float, float]] = {"tau1": (0.5, 50.0), "tau2": (
 DIRECTIONS = {"score": "maximize", "prefill_tok_s": "maximize", "decode_tok_s": "maximize", "kv_ratio": "minimize",
               "kv_bytes": "minimize", "ttft_ms": "minimize", "itl_ms_p50": "minimize", "itl_ms_p99": "minimize",
               "peak_mem_bytes": "minimize", "evicted_frac": "maximize", "quantized_frac": "maximize"}
-# run options that belong in the written config (as CONFIG_KEYS names); limit and device are left out on
-# purpose: the tuning subset and the tuning machine are not what the config is for
-_CONFIG_FIELDS = ("tasks", "window_size", "model", "batch_size", "seed", "dtype", "chat_template", "data_dir",
-                  "num_fewshot", "context_lengths", "depths", "samples_per_cell", "max_length")
 
 
-class TuneError(ValueError):
+class TuneError(UsageError):
     """Bad tune input; the message names the problem and the fix."""
 
 
 @dataclass
 class TuneOptions:
-    run: Any  # runner.RunOptions: suite, tasks, one method, one cache size, fixed method options, model, limit...
+    run: RunOptions  # suite, tasks, one method, one cache size, fixed method options, model, limit...
     trials: int = 20
     metric: str = "score"
     storage: str | None = None  # Optuna storage URL; None: sqlite:///<out>/<study>/optuna.db
@@ -154,68 +151,35 @@ def default_study_name(opts: TuneOptions, space: dict[str, tuple[float, float]])
 # --- evaluation ------------------------------------------------------------------------------------
 
 class Evaluator:
-    """Loads the model and builds the prompts once; each call evaluates one set of method options
-    and returns the summary rows (one per task)."""
+    """Loads the model, builds the prompts and warms up once; each call evaluates one set of method
+    options on every task of the suite and returns the summary rows (one per task)."""
 
-    def __init__(self, run: Any, method: str, size: int | float | None):
-        from arkv_bench.models import ModelError, load_model
-        from arkv_bench.runner import Context, UsageError, plan, validate
+    def __init__(self, run: RunOptions, method: str, size: int | float | None):
+        from arkv_bench.models import ModelError
+        from arkv_bench.runner import load_context, validate, warm_up
         from arkv_bench.suites import DataError
-        from arkv_bench.suites.lm_eval_suite import LmEvalError
 
         self.run, self.method, self.size = run, method, size
-        self.lm_eval = run.suite == "lm-eval"
         try:
-            if self.lm_eval:
-                from arkv_bench.suites.lm_eval_suite import check_tasks, task_manager
-
-                self.tasks = check_tasks(run.tasks, run.data_dir)
-                self.manager = task_manager(self.tasks, run.data_dir)
-                specs = []
-            else:
-                specs = validate(run)
-            model, tokenizer, info = load_model(run.model, run.device, run.dtype, run.trust_remote_code,
-                                                attn_implementation="arkv")
-            eos = model.generation_config.eos_token_id
-            eos_ids = [e for e in (eos if isinstance(eos, list) else [eos, tokenizer.eos_token_id]) if e is not None]
-            self.ctx = Context(model=model, tokenizer=tokenizer, opts=run, info=info, eos=sorted(set(eos_ids)))
-            self.info = info
-            self.work = [] if self.lm_eval else plan(self.ctx, specs)
-        except (UsageError, ModelError, DataError, LmEvalError) as e:
+            self.suite = validate(run)
+            self.ctx = load_context(run)
+            self.tasks = self.suite.plan(self.ctx)
+        except (ModelError, DataError) as e:
             raise TuneError(str(e)) from e
         from arkv_bench.cache import prepare_model
 
-        prepare_model(model)
+        prepare_model(self.ctx.model)
+        warm_up(self.ctx, method, size)
 
     def __call__(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         from arkv_bench.results import summarise
 
-        options = {**self.run.method_options, **params}
-        if self.lm_eval:
-            from arkv_bench.suites.lm_eval_suite import method_options, run_lm_eval
-
-            from arkv_bench.suites.lm_eval_suite import LmEvalError
-
-            opts = dataclasses.replace(self.run, method_options=options)
-            try:
-                records = run_lm_eval(dataclasses.replace(self.ctx, opts=opts), self.tasks, self.method, self.size,
-                                      method_opts=method_options(opts, self.method), manager=self.manager).records
-            except LmEvalError as e:
-                raise TuneError(str(e)) from e
-        else:
-            records = self._suite_records(options)
-        return summarise(records, self.info, self.run.window_size)
-
-    def _suite_records(self, options: dict[str, Any]) -> list[dict[str, Any]]:
-        from arkv_bench.runner import batches, run_batch
-
-        ctx = dataclasses.replace(self.ctx, opts=dataclasses.replace(self.run, method_options=options))
-        records: list[dict[str, Any]] = []
-        for spec, samples, chat in self.work:
-            for batch in batches(samples, 1 if (isinstance(self.size, float) or (samples and samples[0].choices))
-                                 else self.run.batch_size):
-                records += run_batch(ctx, spec, batch, self.method, self.size, chat)
-        return records
+        ctx = dataclasses.replace(self.ctx, opts=dataclasses.replace(
+            self.run, method_options={**self.run.method_options, **params}))
+        records = [record.to_json() for task in self.tasks
+                   for batch in self.suite.batches(ctx, task, self.method, self.size, [])
+                   for record in self.suite.run(ctx, task, batch, self.method, self.size)]
+        return summarise(records, self.ctx.info, self.run.window_size)
 
 
 def objective_value(rows: list[dict[str, Any]], metric: str) -> float:
@@ -339,26 +303,19 @@ def _round(value: Any) -> Any:
 
 def write_config(opts: TuneOptions, method: str, size: int | float | None, best: dict[str, Any], path: Path,
                  study: str, value: float, trials: int) -> Path:
-    """The best values as a `run --config` file (keys of cli.CONFIG_KEYS)."""
-    from arkv_bench.runner import RunOptions
-
-    run, base = opts.run, RunOptions()
+    """The best values as a `run --config` file (keys of options.CONFIG_KEYS)."""
+    run = opts.run
     config: dict[str, Any] = {"suite": run.suite}
     config["quant_type"] = method
     if size is not None:
         config["cache_size"] = size
-    for name in _CONFIG_FIELDS:
-        value_ = getattr(run, name)
-        if value_ != getattr(base, name) or name == "window_size":
-            config[name] = value_
+    config.update(config_mapping(run))
     config["method_options"] = {**run.method_options, **{k: _round(v) for k, v in best.items()}}
     header = (f"# arkv-bench tune: best of {trials} complete trials of study {study!r}\n"
               f"# {opts.metric} = {value:.4g} ({DIRECTIONS[opts.metric]}), tuned with limit={run.limit} "
               f"on {datetime.date.today().isoformat()}\n"
               f"# use: arkv-bench run --config {path}\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(header + yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    return path
+    return atomic_write(path, header + yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
 
 
 def write_trials_csv(study: Any, path: Path, space: dict[str, tuple[float, float]]) -> Path:
@@ -367,22 +324,16 @@ def write_trials_csv(study: Any, path: Path, space: dict[str, tuple[float, float
     tasks = sorted({t for trial in trials for t in (trial.user_attrs.get("tasks") or {})})
     columns = ["number", "state", "value", *space, *[f"task:{t}" for t in tasks], "score", "kv_ratio",
                "decode_tok_s", "duration_s", "datetime_start"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for t in trials:
-            per_task = t.user_attrs.get("tasks") or {}
-            row = {"number": t.number, "state": t.state.name, "value": t.value,
-                   **{k: t.params.get(k) for k in space}, **{f"task:{k}": per_task.get(k) for k in tasks},
-                   "score": t.user_attrs.get("score"), "kv_ratio": t.user_attrs.get("kv_ratio"),
-                   "decode_tok_s": t.user_attrs.get("decode_tok_s"),
-                   "duration_s": t.duration.total_seconds() if t.duration else None,
-                   "datetime_start": t.datetime_start.isoformat(timespec="seconds") if t.datetime_start else None}
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    tmp.replace(path)
-    return path
+    rows = []
+    for t in trials:
+        per_task = t.user_attrs.get("tasks") or {}
+        rows.append({"number": t.number, "state": t.state.name, "value": t.value,
+                     **{k: t.params.get(k) for k in space}, **{f"task:{k}": per_task.get(k) for k in tasks},
+                     "score": t.user_attrs.get("score"), "kv_ratio": t.user_attrs.get("kv_ratio"),
+                     "decode_tok_s": t.user_attrs.get("decode_tok_s"),
+                     "duration_s": t.duration.total_seconds() if t.duration else None,
+                     "datetime_start": t.datetime_start.isoformat(timespec="seconds") if t.datetime_start else None})
+    return atomic_write(path, csv_text(columns, rows))
 
 
 logging.getLogger("optuna").setLevel(logging.WARNING)

@@ -94,9 +94,8 @@ def test_invalid_demotion_options(options, message):
 
 
 def test_cli_types_the_demotion_options():
-    from arkv_bench.cli import _options
-    from arkv_bench.runner import RunOptions, parse_cache_size
+    from arkv_bench.options import build_options
 
-    opts = _options({"quant_type": "akv"}, ["protect_recent=20", "demotion=fifo"], RunOptions, parse_cache_size)
+    opts = build_options({"quant_type": "akv"}, method_option=["protect_recent=20", "demotion=fifo"])
     assert opts.method_options == {"protect_recent": 20, "demotion": "fifo"}
     assert akv(**opts.method_options).layers[0].protect_recent == 20

@@ -82,7 +82,7 @@ def test_gpu_only_figures_are_empty_on_cpu(folder: Path) -> None:
     assert all(r["peak_mem_bytes"] == "" for r in read_csv(folder / "summary.csv"))
     config = json.loads((folder / "config.json").read_text())
     assert config["hbm_copy_bytes_per_s"] is None
-    assert config["gpus"]["count"] == 0
+    assert config["provenance"]["gpus"]["count"] == 0
 
 
 def test_config_records_what_was_used(folder: Path) -> None:

@@ -9,6 +9,7 @@ bytes and the scores of the long prompt.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -170,21 +171,30 @@ def _ctx(loaded, task_dir, **overrides):
     return Context(model=model, tokenizer=tok, opts=opts, info=info, eos=[tok.eos_token_id])
 
 
-def test_suite_writes_the_usual_results(loaded, task_dir, tmp_path):
-    """The runner hook: samples.jsonl records, summary.csv with score + speed + KV columns, resume, compare."""
+def test_suite_writes_the_usual_results(loaded, task_dir, tmp_path, monkeypatch):
+    """The runner's loop: samples.jsonl records, summary.csv with score + speed + KV columns, the same warm-up as
+    every suite, resume, compare."""
     from typer.testing import CliRunner
 
     from arkv_bench.cli import app
-    from arkv_bench.results import read_records
-    from arkv_bench.runner import open_run
-    from arkv_bench.suites import lm_eval_suite
+    from arkv_bench.results_io import read_jsonl
+    from arkv_bench import runner
+    from arkv_bench.runner import Run, execute, open_run, progress_counts
+    from arkv_bench.suites.lm_eval_suite import SUITE
+
+    warmed = []
+    real_warm_up = runner.warm_up
+    monkeypatch.setattr(runner, "warm_up", lambda ctx, method, size: warmed.append((method, size))
+                        or real_warm_up(ctx, method, size))
 
     ctx = _ctx(loaded, task_dir)
-    folder, log = open_run(ctx.opts, tmp_path, "lm", ctx.info, {MC: True, GEN: True})
+    folder, log, _ = open_run(ctx.opts, tmp_path, "lm", ctx.info, {MC: True, GEN: True})
+    run = Run(ctx=ctx, suite=SUITE, tasks=SUITE.plan(ctx), folder=folder, log=log)
     steps = []
-    lm_eval_suite.execute(ctx, folder, log, lambda label, n: steps.append(label))
-    assert len(steps) == lm_eval_suite.progress_total(ctx.opts) == 4
-    records = read_records(folder / "samples.jsonl")[0]
+    execute(run, lambda label, n: steps.append(label))
+    assert len(steps) == progress_counts(ctx, SUITE, run.tasks, log)[0] == 4
+    assert warmed == [("full", None), ("mix", 24)]  # once per configuration, before its first timed request
+    records = read_jsonl(folder / "samples.jsonl").records
     assert len(records) == 2 * 2 * 2  # 2 tasks x 2 docs x 2 configurations
     for r in records:
         assert SAMPLE_FIELDS <= set(r) and r["suite"] == "lm-eval" and r["status"] == "ok"
@@ -202,8 +212,8 @@ def test_suite_writes_the_usual_results(loaded, task_dir, tmp_path):
     assert float(gen_mix["kv_ratio"]) < 0.7 and float(gen_mix["decode_tok_s"]) > 0
     # a rerun of the same run does nothing
     again = []
-    lm_eval_suite.execute(ctx, folder, log, lambda label, n: again.append(label))
-    assert again == [] and lm_eval_suite.progress_done(ctx.opts, log) == 4
+    execute(run, lambda label, n: again.append(label))
+    assert again == [] and progress_counts(ctx, SUITE, run.tasks, log) == (4, 4)
     result = CliRunner().invoke(app, ["compare", str(tmp_path), "--format", "csv"])
     assert result.exit_code == 0, result.output
     assert MC in result.output and "mix" in result.output
@@ -229,11 +239,12 @@ def test_main_metric_and_corpus_metrics(full_run):
     assert main_metric(results, MC) == ("acc", "none")
     assert main_metric(results, ROLL) == ("word_perplexity", "none")
     run = to_records(results, log, "full", None, 32, True, None)
-    roll = [r for r in run.records if r["task"] == ROLL]
+    records = [r.to_json() for r in run.records]
+    roll = [r for r in records if r["task"] == ROLL]
     assert roll and all(r["score"] is None for r in roll)  # perplexity has no per-sample score
     assert math.isclose(roll[0]["extra"]["task_score"], results["results"][ROLL]["word_perplexity,none"])
     assert run.scores[MC] == results["results"][MC]["acc,none"]
-    json.dumps(run.records)  # records are plain JSON
+    json.dumps(records)  # records are plain JSON
 
 
 def test_lm_eval_command_line_wrapper(task_dir, capsys, monkeypatch):
@@ -242,6 +253,8 @@ def test_lm_eval_command_line_wrapper(task_dir, capsys, monkeypatch):
     from arkv_bench.lm_eval_cli import main
 
     monkeypatch.setattr("sys.argv", ["arkv-lm-eval"])
+    handlers = list(logging.getLogger("lm_eval").handlers)  # lm-eval's setup_logging binds one to captured stderr
+    monkeypatch.setattr(logging.getLogger("lm_eval"), "handlers", handlers)
     main(["--model", "arkv", "--model_args", "pretrained=smollm2-135m,quant_type=mix,cache_size=24,window_size=8",
           "--tasks", MC, "--include_path", str(task_dir), "--limit", "1"])
     printed = capsys.readouterr().out

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -33,10 +34,12 @@ MAX_NEW_TOKENS = 4
 SUMMARY_COLUMNS = ["model", "suite", "task", "quant_type", "cache_size", "window_size", "n", "score", "score_ci95",
                    "prefill_tok_s", "decode_tok_s", "ttft_ms", "itl_ms_p50", "itl_ms_p99", "kv_bytes",
                    "kv_bytes_full", "kv_ratio", "peak_mem_bytes", "compressed_frac", "evicted_frac",
-                   "quantized_frac", "device", "dtype", "status", "host_bytes"]
+                   "quantized_frac", "device", "dtype", "status", "host_bytes", "weights_bytes"]
 SAMPLE_FIELDS = {"suite", "task", "sample_id", "quant_type", "cache_size", "window_size", "status", "prompt_tokens",
                  "prediction", "references", "score", "prefill_s", "ttft_ms", "itl_ms", "decode_tokens", "kv_bytes",
-                 "kv_bytes_full", "compressed", "evicted_frac", "quantized_frac", "extra"}
+                 "kv_bytes_full", "compressed", "evicted_frac", "quantized_frac", "extra", "budget", "decode_steps",
+                 "decode_s", "batch_id", "batch_rows", "batch_row", "host_bytes", "peak_mem_bytes", "weights_bytes",
+                 "layers"}
 CONFIG_FIELDS = {"run_name", "suite", "tasks", "quant_types", "cache_sizes", "window_size", "method_options", "model",
                  "limit", "batch_size", "seed", "device", "dtype", "attn_implementation", "chat_template",
                  "provenance"}
@@ -107,6 +110,7 @@ def check_run(folder: Path, suite: str, tasks: dict[str, int], rescore) -> list[
         assert s["score"] == pytest.approx(rescore(s)), s
         assert s["prompt_tokens"] > 0 and s["kv_bytes"] > 0 and s["kv_bytes_full"] > 0
         assert s["decode_tokens"] <= MAX_NEW_TOKENS and isinstance(s["itl_ms"], list)
+        assert s["decode_tokens"] - 1 <= s["decode_steps"] <= s["decode_tokens"] and s["decode_s"] >= 0
         assert isinstance(s["compressed"], bool) and isinstance(s["extra"], dict)
         if s["quant_type"] == "full":
             assert s["kv_bytes"] == s["kv_bytes_full"] and not s["compressed"] and s["evicted_frac"] == 0
@@ -126,6 +130,7 @@ def check_run(folder: Path, suite: str, tasks: dict[str, int], rescore) -> list[
         assert float(r["score"]) == pytest.approx(100 * sum(s["score"] for s in group) / len(group), abs=1e-3)
         assert float(r["score_ci95"]) >= 0
         assert r["peak_mem_bytes"] == ""  # not measured on CPU: left empty
+        assert int(r["weights_bytes"]) > 100e6  # SmolLM2-135M in fp32
         ratio = float(r["kv_ratio"])
         assert ratio == pytest.approx(float(r["kv_bytes"]) / float(r["kv_bytes_full"]))
         assert ratio == pytest.approx(1.0) if r["quant_type"] == "full" else 0 < ratio < 1
@@ -397,10 +402,129 @@ def test_missing_dataset_without_network_fails_fast(tmp_path: Path) -> None:
 
 def test_typed_method_options_reach_the_cache() -> None:
     """--method-option values are typed as the method declares them (bool, int, float, str)."""
-    from arkv_bench.cli import _options
-    from arkv_bench.runner import RunOptions, parse_cache_size
+    from arkv_bench.options import build_options
 
-    opts = _options({"quant_type": "mix,snapkv,kivi"}, ["gamma=2", "decode_compress=false", "bits=2",
-                                                         "pooling=max"], RunOptions, parse_cache_size)
+    opts = build_options({"quant_type": "mix,snapkv,kivi"}, None, ["gamma=2", "decode_compress=false", "bits=2",
+                                                                   "pooling=max"])
     assert opts.method_options == {"gamma": 2.0, "decode_compress": False, "bits": 2, "pooling": "max"}
     assert isinstance(opts.method_options["gamma"], float) and opts.method_options["decode_compress"] is False
+
+
+# --- every figure defined once (issue 11) -------------------------------------------------------------
+
+TIMINGS = {"prefill_s", "ttft_ms", "itl_ms", "decode_s", "peak_mem_bytes"}
+
+
+def _tiny_ctx(**options):
+    from arkv_bench.runner import Context, RunOptions
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    opts = RunOptions(**options)
+    return Context(model=model, tokenizer=None, opts=opts, info={"max_positions": 2048}, eos=[])
+
+
+@pytest.mark.parametrize("method, size, option", [("mix", 1024, {"slack": 64}), ("h2o", 256, {"slack": 64}),
+                                                  ("window", 256, {"n_sink": 100}), ("mix", 0.2, {"slack": 8})])
+def test_warm_up_takes_the_run_s_method_options(method: str, size, option: dict) -> None:
+    """The warm-up runs on every device (here the CPU) with the user's options: it used to build a 33-token
+    cache that rejected slack=64 or a large n_sink, on CUDA only."""
+    from arkv_bench.runner import check_caches, warm_up
+
+    ctx = _tiny_ctx(quant_types=[method], cache_sizes=[size], method_options=option)
+    check_caches(ctx.opts)
+    gen = warm_up(ctx, method, size)
+    assert gen is not None and gen.stats["compressed"] and gen.kv_bytes < gen.kv_bytes_full
+    assert len(gen.itl_s) == 3  # it decoded too
+
+
+def test_fraction_budgets_are_checked_with_the_smallest_budget_they_can_get() -> None:
+    """--cache-size 0.2 --method-option slack=8 was refused: a fraction was checked with a budget of window + 1."""
+    from arkv_bench.budgets import budget_for, check_cache
+    from arkv_bench.runner import RunOptions, UsageError, validate
+
+    validate(RunOptions(quant_types=["full", "mix"], cache_sizes=[0.2], method_options={"slack": 8}))
+    assert budget_for(0.2, 100, "mix", 32, {"slack": 8}) == 41  # slack must stay below budget - window
+    assert budget_for(0.2, 1000, "mix", 32, {"slack": 8}) == 200
+    check_cache("mix", 41, 32, {"slack": 8})
+    with pytest.raises(UsageError, match="pooling"):  # options wrong at any budget are still refused
+        validate(RunOptions(quant_types=["mix"], cache_sizes=[0.2], method_options={"pooling": "median"}))
+
+
+def test_one_eos_rule() -> None:
+    """The generation config's EOS ids (one or a list) and the tokenizer's, everywhere (the CLI and tune used to
+    drop the tokenizer's when the generation config held a list)."""
+    from types import SimpleNamespace
+
+    from arkv_bench.measures import eos_ids
+
+    tok = SimpleNamespace(eos_token_id=3)
+    for config_eos, expected in (([1, 2], [1, 2, 3]), (2, [2, 3]), (None, [3]), ([3], [3])):
+        model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=config_eos))
+        assert eos_ids(model, tok) == expected
+
+
+def test_decode_steps_are_timed_without_host_side_stop_handling() -> None:
+    """The stop-string check (decoding text on the host) is not inside a timed decode step."""
+    from arkv_bench.cache import make_cache
+    from arkv_bench.generation import greedy_generate
+    from tests.conftest import prompt_ids, tiny_model
+
+    model = tiny_model("llama")
+    ids = prompt_ids(16)
+
+    def slow_stop(tokens: list[int]) -> bool:
+        time.sleep(0.2)
+        return False
+
+    gen = greedy_generate(model, ids, torch.ones_like(ids), make_cache("full", model.config), 4, (), slow_stop)
+    assert len(gen.itl_s) == 3 and max(gen.itl_s) < 0.2 and gen.ttft_s < 0.2
+    assert gen.generated == [4]
+
+
+def test_decode_rate_per_row_then_per_batch() -> None:
+    """Two rows decoded together: one ends at its second token (EOS), one runs 5 tokens, each step 1 s. Each row
+    makes 1 token/s, so the batch makes 2 token/s (the old rate, 4 tokens over 4 s, mixed speed with length)."""
+    from arkv_bench.measures import row_decode
+    from arkv_bench.results import SampleRecord, summarise
+
+    steps = [1.0, 1.0, 1.0, 1.0]
+    records = []
+    for row, generated in enumerate((2, 5)):
+        n, seconds = row_decode(steps, generated)
+        records.append(SampleRecord(suite="s", task="t", sample_id=str(row), quant_type="full", cache_size=None,
+                                    window_size=32, decode_tokens=generated - 1, decode_steps=n, decode_s=seconds,
+                                    itl_ms=[1000.0] * 4 if row == 0 else [], batch_id="0", batch_rows=2,
+                                    batch_row=row, prefill_s=1.0, prompt_tokens=10, kv_bytes=1, kv_bytes_full=1,
+                                    weights_bytes=123).to_json())
+    # a later batch of one row: 3 tokens after the first in 1.5 s
+    records.append({**records[0], "sample_id": "2", "batch_id": "2", "batch_rows": 1, "decode_steps": 3,
+                    "decode_s": 1.5, "itl_ms": [500.0] * 3})
+    (row,) = summarise(records, {"model": "m", "device": "cpu", "dtype": "float32"}, 32)
+    assert row["decode_tok_s"] == pytest.approx((2.0 * 4 + 2.0 * 1.5) / (4 + 1.5))
+    assert row["itl_ms_p50"] == pytest.approx(1000.0) and row["weights_bytes"] == 123
+
+
+def test_weights_bytes_counts_each_tensor_once() -> None:
+    from arkv_bench.measures import PeakMemory, weights_bytes
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama", tie_word_embeddings=True)
+    expected = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+    assert weights_bytes(model) == expected
+    assert PeakMemory(torch.device("cpu")).read() is None  # not measured on the CPU: no figure
+
+
+@pytest.mark.slow
+def test_same_seed_and_config_twice_gives_identical_results(tmp_path: Path) -> None:
+    args = ["--suite", "passkey", "--context-lengths", "256", "--depths", "0.2,0.8", "--quant-type", "full,mix,window",
+            "--cache-size", "64", "--window-size", "8", "--batch-size", "2", "--seed", "3", "--quiet"]
+    for name in ("a", "b"):
+        result = cli(*args, "--out", str(tmp_path), "--run-name", name)
+        assert result.exit_code == 0, result.output
+    first, second = (read_samples(tmp_path / name) for name in ("a", "b"))
+    assert len(first) == 6
+    assert [{k: v for k, v in s.items() if k not in TIMINGS} for s in first] == \
+        [{k: v for k, v in s.items() if k not in TIMINGS} for s in second]
+    scores = [[(r["task"], r["quant_type"], r["score"]) for r in read_summary(tmp_path / name)[1]] for name in "ab"]
+    assert scores[0] == scores[1]

@@ -30,7 +30,7 @@ def _trials(path: Path) -> list[dict[str, str]]:
 
 
 def _config_keys() -> set[str]:
-    from arkv_bench.cli import CONFIG_KEYS
+    from arkv_bench.options import CONFIG_KEYS
 
     return set(CONFIG_KEYS)
 
@@ -120,8 +120,8 @@ def test_tune_lm_eval_suite(tmp_path):
     pytest.importorskip("lm_eval")
     from fixtures_lm_eval import write_tasks
 
-    from arkv_bench.cli import _options, _read_config
-    from arkv_bench.runner import parse_cache_size
+    from arkv_bench.cli import read_config
+    from arkv_bench.options import build_options
     from arkv_bench.suites.lm_eval_suite import check_tasks
 
     tasks = write_tasks(tmp_path / "tasks")
@@ -131,7 +131,7 @@ def test_tune_lm_eval_suite(tmp_path):
     rows = _trials(result.csv_path)
     assert len(rows) == 3 and all(r["state"] == "COMPLETE" and r["task:arkv_fx_mc"] for r in rows)
     assert all(10.0 <= float(r["gamma"]) <= 500.0 for r in rows)
-    opts = _options(_read_config(result.config_path), [], RunOptions, parse_cache_size)
+    opts = build_options({}, read_config(result.config_path))
     assert opts.suite == "lm-eval" and opts.quant_types == ["mix"] and opts.cache_sizes == [24]
     assert set(opts.method_options) == set(PAPER) and opts.limit is None  # the tuning subset is not kept
     assert check_tasks(opts.tasks, opts.data_dir) == ["arkv_fx_mc"]

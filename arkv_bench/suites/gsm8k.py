@@ -5,16 +5,29 @@ from __future__ import annotations
 import random
 
 from arkv_bench.metrics import gsm8k_extract
-from arkv_bench.suites.base import Sample, SuiteOptions, limited
-from arkv_bench.suites.data import load_rows
+from arkv_bench.suites.base import RowSuite, Sample, limited
+from arkv_bench.options import RunOptions
+from arkv_bench.suites.data import TEXT, load_rows
 from arkv_bench.tasks import TaskSpec
 
 
-def build(spec: TaskSpec, options: SuiteOptions) -> list[Sample]:
+class GSM8K(RowSuite):
+    name = "gsm8k"
+    description = "grade-school math, few-shot, exact match of the final number"
+
+    def samples(self, spec: TaskSpec, opts: RunOptions) -> list[Sample]:
+        return build(spec, opts.num_fewshot, opts.limit, opts.data_dir)
+
+
+SUITE = GSM8K()
+ROW = {"question": TEXT, "answer": TEXT}
+
+
+def build(spec: TaskSpec, num_fewshot: int | None, limit: int | None, data_dir: str | None) -> list[Sample]:
     """Prompts = k solved train questions, then the test question."""
-    k = spec.num_fewshot if options.num_fewshot is None else options.num_fewshot
-    rows = limited(load_rows(spec, spec.split, options.data_dir), options.limit)
-    shots = load_rows(spec, spec.fewshot_split, options.data_dir) if k else []
+    k = spec.num_fewshot if num_fewshot is None else num_fewshot
+    rows = limited(load_rows(spec, spec.split, data_dir, ROW), limit)
+    shots = list(load_rows(spec, spec.fewshot_split, data_dir, ROW)) if k else []
     random.Random(spec.extra.get("fewshot_seed", 1234)).shuffle(shots)
     sep, target = spec.extra.get("fewshot_delimiter", "\n\n"), spec.extra.get("target_delimiter", " ")
     context = "".join(spec.prompt_template.format(**s) + target + s["answer"] + sep for s in shots[:k])

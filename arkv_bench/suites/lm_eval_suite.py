@@ -22,23 +22,21 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+from arkv_bench.options import RunOptions, UsageError
+from arkv_bench.results import SampleRecord, column_means, evicted_quantized, layer_vector, mean_of
+from arkv_bench.suites.base import Batch, Context, Suite, Task
 
-from arkv_bench.cache import METHODS
-from arkv_bench.results import column_means, evicted_quantized, layer_vector, mean_of
-
-SUITE = "lm-eval"
 logger = logging.getLogger(__name__)
 _TASK_MANAGERS: dict[tuple[str | None, bool], Any] = {}
 
 
-class LmEvalError(ValueError):
+class LmEvalError(UsageError):
     """A task that cannot be run (unknown, or its data unavailable); the message says what to do."""
 
 
@@ -46,7 +44,7 @@ class LmEvalError(ValueError):
 class LmEvalRun:
     """What one (tasks, method, cache size) evaluation produced."""
 
-    records: list[dict[str, Any]]  # samples.jsonl records, one per (leaf task, document)
+    records: list[SampleRecord]  # samples.jsonl records, one per (leaf task, document)
     scores: dict[str, float | None]  # leaf task -> lm-eval's aggregate of its main metric (0..1 for acc-like)
     metrics: dict[str, str]  # leaf task -> "metric,filter" of the main metric
     results: dict[str, Any] = field(default_factory=dict)  # lm-eval's results["results"]
@@ -166,28 +164,22 @@ def load_tasks(tasks: list[str], manager: Any, offline: bool) -> list[Any]:
 
 # --- one evaluation ------------------------------------------------------------------------------
 
-def method_options(opts: Any, method: str) -> dict[str, Any]:
-    """The run's method options that this method declares."""
-    return {k: v for k, v in (opts.method_options or {}).items() if k in METHODS[method].defaults
-            and k not in ("cache_size", "window_size")}
-
-
-def run_lm_eval(ctx: Any, tasks: list[str], method: str, size: int | float | None, *,
-                method_opts: dict[str, Any] | None = None, manager: Any = None,
+def run_lm_eval(ctx: Context, tasks: list[str], method: str, size: int | float | None, *, manager: Any = None,
                 requested: str | None = None) -> LmEvalRun:
-    """Evaluate `tasks` with one method and cache size on the context's model.
+    """Evaluate `tasks` with one method and cache size on the context's model and its run options.
 
-    `ctx` is the runner's Context (model, tokenizer, opts, info). `method_opts` replaces the
-    run's method options (tune uses it); `requested` is the name recorded as
-    `extra["lm_eval_task"]` (the name the user asked for, when it is a group)."""
+    `requested` is the name recorded as `extra["lm_eval_task"]` (the name the user asked for,
+    when it is a group)."""
     import lm_eval
 
+    from arkv_bench.budgets import cache_options
     from arkv_bench.lm_eval_model import ArkvLM
 
     opts = ctx.opts
-    include = getattr(opts, "data_dir", None)
+    include = opts.data_dir
     manager = manager or task_manager(tasks, include)
-    options = method_options(opts, method) if method_opts is None else dict(method_opts)
+    options = {k: v for k, v in cache_options(method, None, opts.window_size, opts.method_options).items()
+               if k not in ("cache_size", "window_size")}
     lm = ArkvLM(pretrained=ctx.model, tokenizer=ctx.tokenizer, quant_type=method, cache_size=size,
                 window_size=opts.window_size, batch_size=opts.batch_size, info=ctx.info,
                 max_length=getattr(opts, "max_length", None), progress_bars=False, **options)
@@ -200,7 +192,7 @@ def run_lm_eval(ctx: Any, tasks: list[str], method: str, size: int | float | Non
             log_samples=True, apply_chat_template=chat, bootstrap_iters=0, random_seed=seed,
             numpy_random_seed=1234 + seed, torch_random_seed=1234 + seed, fewshot_random_seed=1234 + seed)
     return to_records(results, lm.reset_log(), method, size, opts.window_size, chat,
-                      requested or (tasks[0] if len(tasks) == 1 else None))
+                      requested or (tasks[0] if len(tasks) == 1 else None), ctx.info.get("weights_bytes"))
 
 
 def main_metric(results: dict[str, Any], task: str) -> tuple[str, str] | None:
@@ -218,7 +210,7 @@ def main_metric(results: dict[str, Any], task: str) -> tuple[str, str] | None:
 
 
 def to_records(results: dict[str, Any], log: list[dict[str, Any]], method: str, size: int | float | None,
-               window: int, chat: bool, requested: str | None) -> LmEvalRun:
+               window: int, chat: bool, requested: str | None, weights: int | None = None) -> LmEvalRun:
     """lm-eval's logged samples + the model's request log -> samples.jsonl records."""
     by_doc: dict[tuple[str, Any], list[dict[str, Any]]] = defaultdict(list)
     for entry in log:
@@ -238,7 +230,7 @@ def to_records(results: dict[str, Any], log: list[dict[str, Any]], method: str, 
                 continue
             entries = by_doc.get((task, sample["doc_id"]), [])
             records.append(_record(task, sample, entries, metric, key, scores[task], method, size, window, chat,
-                                   requested or task))
+                                   requested or task, weights))
     return LmEvalRun(records=records, scores=scores, metrics=metrics, results=results.get("results", {}))
 
 
@@ -275,7 +267,7 @@ def _prediction(sample: dict[str, Any], request_type: str | None) -> tuple[str, 
 
 def _record(task: str, sample: dict[str, Any], entries: list[dict[str, Any]], metric: str, key: str,
             task_score: float | None, method: str, size: int | float | None, window: int, chat: bool,
-            requested: str) -> dict[str, Any]:
+            requested: str, weights: int | None) -> SampleRecord:
     kind = entries[0]["request_type"] if entries else None
     prediction, references = _prediction(sample, kind)
     owned = [e for e in entries if e["request_type"] != "generate_until" or e["batch_row"] == 0]
@@ -310,20 +302,20 @@ def _record(task: str, sample: dict[str, Any], entries: list[dict[str, Any]], me
         extra["task_score"] = task_score
         if isinstance(value, (list, tuple)):
             extra["metric_items"] = [_number(v) for v in value]
-    return {
-        "suite": SUITE, "task": task, "sample_id": str(sample["doc_id"]), "quant_type": method, "cache_size": size,
-        "window_size": window, "budget": entries[0].get("budget") if entries else None, "status": "ok",
-        "prompt_tokens": prompt_tokens, "prediction": prediction, "references": references, "score": score,
-        "prefill_s": prefill_s, "ttft_ms": ttft_ms, "itl_ms": itl_ms,
-        "decode_tokens": sum(e["decode_tokens"] for e in entries),
-        "batch_rows": max((e["batch_rows"] for e in entries), default=1),
-        "batch_row": 0 if owned else entries[0]["batch_row"],
-        "kv_bytes": mean_of([e["kv_bytes"] for e in entries]),
-        "kv_bytes_full": mean_of([e["kv_bytes_full"] for e in entries]),
-        "compressed": any(e["compressed"] for e in entries),
-        "evicted_frac": evicted, "quantized_frac": quantized,
-        "peak_mem_bytes": max(peaks) if peaks else None, "layers": per_layer, "extra": extra,
-    }
+    return SampleRecord(
+        suite=SUITE.name, task=task, sample_id=str(sample["doc_id"]), quant_type=method, cache_size=size,
+        window_size=window, budget=entries[0].get("budget") if entries else None, prompt_tokens=prompt_tokens,
+        prediction=prediction, references=references, score=score, prefill_s=prefill_s, ttft_ms=ttft_ms,
+        itl_ms=itl_ms, decode_tokens=sum(e["decode_tokens"] for e in entries),
+        decode_steps=sum(e.get("decode_steps", 0) for e in generated),
+        decode_s=sum(e.get("decode_s", 0.0) for e in generated),
+        batch_id=str(generated[0]["batch_id"]) if generated else f"{task}/{sample['doc_id']}",
+        batch_rows=max((e["batch_rows"] for e in entries), default=1),
+        batch_row=0 if owned else entries[0]["batch_row"],
+        kv_bytes=mean_of([e["kv_bytes"] for e in entries]) or 0.0,
+        kv_bytes_full=mean_of([e["kv_bytes_full"] for e in entries]) or 0.0,
+        compressed=any(e["compressed"] for e in entries), evicted_frac=evicted, quantized_frac=quantized,
+        peak_mem_bytes=max(peaks) if peaks else None, weights_bytes=weights, layers=per_layer, extra=extra)
 
 
 def _layer_fractions(entries: list[dict[str, Any]]) -> list[list[float | None]]:
@@ -335,55 +327,41 @@ def _layer_fractions(entries: list[dict[str, Any]]) -> list[list[float | None]]:
     return [column_means(rows[i]) for i in sorted(rows)]
 
 
-# --- a whole run (the runner's hook) -------------------------------------------------------------
+# --- the suite ---------------------------------------------------------------------------------------
 
-def configurations(opts: Any) -> list[tuple[str, int | float | None]]:
-    """(method, cache size) pairs; methods without a budget run once."""
-    return [(m, s) for m in opts.quant_types for s in (opts.cache_sizes if METHODS[m].budgeted else [None])]
+class LmEval(Suite):
+    """Any lm-evaluation-harness task, group or tag: one simple_evaluate per (task, method, cache size)."""
+
+    name = "lm-eval"
+    description = "any lm-eval task, group or tag (`lm-eval ls tasks`); --data-dir = its include_path"
+
+    def task_names(self) -> list[str]:
+        return []
+
+    def check(self, opts: RunOptions) -> None:
+        check_tasks(opts.tasks, opts.data_dir)
+
+    def plan(self, ctx: Context) -> list[Task]:
+        tasks = check_tasks(ctx.opts.tasks, ctx.opts.data_dir)
+        return [Task(name=name, chat=ctx.opts.chat_template == "on") for name in tasks]
+
+    def units(self, task: Task) -> int:
+        return 1
+
+    def batches(self, ctx: Context, task: Task, method: str, size: int | float | None,
+                records: list[dict[str, Any]]) -> list[Batch]:
+        done = any((r.get("extra") or {}).get("lm_eval_task") == task.name for r in records)
+        return [] if done else [Batch(samples=[], units=1)]
+
+    def run(self, ctx: Context, task: Task, batch: Batch, method: str, size: int | float | None
+            ) -> list[SampleRecord]:
+        manager = task_manager([task.name], ctx.opts.data_dir)
+        return run_lm_eval(ctx, [task.name], method, size, manager=manager, requested=task.name).records
+
+    def oom(self, ctx: Context, task: Task, batch: Batch, method: str, size: int | float | None
+            ) -> list[SampleRecord]:
+        return [SampleRecord(suite=self.name, task=task.name, sample_id="-", quant_type=method, cache_size=size,
+                             window_size=ctx.opts.window_size, status="oom", extra={"lm_eval_task": task.name})]
 
 
-def progress_total(opts: Any) -> int:
-    """Progress units of a run: one per (task, method, cache size)."""
-    return len(opts.tasks or []) * len(configurations(opts))
-
-
-def _done(log: Any) -> set[tuple[str, str, str]]:
-    return {(str((r.get("extra") or {}).get("lm_eval_task")), r["quant_type"], str(r["cache_size"]))
-            for r in log.records if r.get("suite") == SUITE}
-
-
-def progress_done(opts: Any, log: Any) -> int:
-    """Progress units already in the log (a resumed run)."""
-    done = _done(log)
-    return sum((t, m, str(s)) in done for t in opts.tasks or [] for m, s in configurations(opts))
-
-
-def execute(ctx: Any, folder: Path, log: Any, progress: Callable[[str, int], None] | None = None) -> None:
-    """Run every (task, method, cache size) of the run not already in the log; one
-    simple_evaluate each, its records appended, summaries rebuilt after each."""
-    from arkv_bench.cache import prepare_model
-    from arkv_bench.results import write_summaries
-
-    opts = ctx.opts
-    tasks = check_tasks(opts.tasks, opts.data_dir)
-    prepare_model(ctx.model)
-    done = _done(log)
-    manager = task_manager(tasks, opts.data_dir)
-    for name in tasks:
-        for method, size in configurations(opts):
-            label = f"{method}@{size if size is not None else '-'} {name}"
-            if (name, method, str(size)) in done:
-                continue
-            try:
-                run = run_lm_eval(ctx, [name], method, size, manager=manager, requested=name)
-                records = run.records
-            except (torch.OutOfMemoryError, MemoryError):
-                torch.cuda.empty_cache() if torch.cuda.is_available() else None
-                records = [{"suite": SUITE, "task": name, "sample_id": "-", "quant_type": method,
-                            "cache_size": size, "window_size": opts.window_size, "status": "oom",
-                            "references": [], "extra": {"lm_eval_task": name}}]
-            for record in records:
-                log.append(record)
-            write_summaries(folder, ctx.info)
-            if progress:
-                progress(label, 1)
+SUITE = LmEval()

@@ -12,6 +12,9 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from arkv_bench.suites.base import Context, PromptSuite, Sample, limited
+from arkv_bench.tasks import TaskSpec
+
 MIN_CONTEXT_LENGTH = 200
 LENGTH_TOLERANCE = 0.05
 
@@ -198,3 +201,22 @@ def make_passkey_samples(
                     )
                 )
     return samples
+
+
+class Passkey(PromptSuite):
+    name = "passkey"
+    description = "a five-digit key hidden in filler text at set lengths and depths (generated, offline)"
+
+    def build(self, spec: TaskSpec, ctx: Context, chat: bool) -> list[Sample]:
+        opts, extra = ctx.opts, spec.extra
+        made = make_passkey_samples(ctx.tokenizer, opts.context_lengths or list(extra["context_lengths"]),
+                                    opts.depths or list(extra["depths"]),
+                                    opts.samples_per_cell or extra.get("samples_per_cell", 1), opts.seed, chat)
+        samples = [Sample(sample_id=s.sample_id, prompt=s.prompt, references=[s.key],
+                          max_new_tokens=spec.max_new_tokens,
+                          extra={"context_length": s.context_length, "depth": s.depth,
+                                 "needle_token_depth": s.needle_token_depth}) for s in made]
+        return limited(samples, opts.limit)
+
+
+SUITE = Passkey()
