@@ -18,7 +18,7 @@ from arkv_bench.cache.akv import AKVCache
 from arkv_bench.cache.arkv import ArkvCache, OriginCache
 from arkv_bench.cache.attention import ATTN_NAME, prepare_model
 from arkv_bench.cache.base import BenchCache
-from arkv_bench.cache.full import FullCache
+from arkv_bench.cache.full import FullCache, FullStaticCache
 from arkv_bench.cache.h2o import H2OCache
 from arkv_bench.cache.kivi import KiviCache
 from arkv_bench.cache.pyramidkv import PyramidKVCache
@@ -28,7 +28,7 @@ from arkv_bench.cache.window import WindowCache
 
 METHODS: dict[str, type[BenchCache]] = {
     cls.method: cls for cls in (FullCache, ArkvCache, OriginCache, FP8Cache, KiviCache, H2OCache, WindowCache,
-                                SnapKVCache, PyramidKVCache, AdaKVCache, AKVCache)
+                                SnapKVCache, PyramidKVCache, AdaKVCache, AKVCache, FullStaticCache)
 }
 
 __all__ = ["METHODS", "ATTN_NAME", "BenchCache", "make_cache", "method_options", "prepare_model"]

@@ -15,7 +15,7 @@ allocated; `stats()` adds `kv_bytes_unpadded`, what a layout without padding (e.
 varlen kernel's) would need, and each layer's `padding_slots`.
 
 The same allocation is the `head_budget="adaptive"` option of `mix` (ARKV): see
-`HeadBudgets`, which any `TokenLayer` subclass can mix in.
+`HeadBudgets`, which any `SlotLayer` subclass can mix in.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from arkv_bench.cache.base import TokenLayer
+from arkv_bench.cache.store import SlotLayer, position_order
 from arkv_bench.cache.snapkv import SnapKVCache, SnapKVLayer
 
 HEAD_BUDGETS = ("uniform", "adaptive")
@@ -50,7 +50,7 @@ def adaptive_allocation(score: torch.Tensor, share: torch.Tensor, alpha: float) 
 
 
 class HeadBudgets:
-    """Mixin for `TokenLayer` subclasses: `head_budget` "uniform" (`cache_size` per head, the base
+    """Mixin for `SlotLayer` subclasses: `head_budget` "uniform" (`cache_size` per head, the base
     behaviour) or "adaptive" (AdaKV: `cache_size x heads` per layer, split by score, safeguard `alpha`)."""
 
     head_budget = "uniform"
@@ -59,11 +59,13 @@ class HeadBudgets:
     def keep_best(self, score: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if self.head_budget == "uniform":
             return super().keep_best(score, pos)
+        order = position_order(pos)  # in position order: ties do not depend on where tokens are stored
+        pos, score = pos.gather(-1, order), score.gather(-1, order)
         live = self.live(pos)
         window = live & self.protected(pos)
         share = (self.cache_size - window.sum(dim=-1)).clamp_min(0)
         keep = adaptive_allocation(score.masked_fill(window | ~live, float("-inf")), share, self.alpha)
-        return keep | window
+        return torch.empty_like(keep).scatter_(-1, order, keep | window)
 
     def budget_capacity(self, n: int) -> int | None:
         """Adaptive heads keep data-dependent numbers of slots: pad to the longest (None)."""
@@ -72,8 +74,33 @@ class HeadBudgets:
     def over_budget(self) -> bool:
         if self.head_budget == "uniform":
             return super().over_budget()
-        pos = self.view_positions()
+        pos = self.all_positions()
         return int(self.live(pos).sum(dim=(1, 2)).max()) > self.cache_size * pos.shape[1]
+
+    # Heads hold data-dependent numbers of tokens: a decode step that may evict runs eagerly and
+    # looks at the counts (a device sync), and the store grows when a head runs out of slots.
+    def plan(self, q: int) -> tuple | None:
+        if self.head_budget == "adaptive" and self.decode_evicts:
+            return None
+        return super().plan(q)
+
+    def held_original(self) -> int:
+        if self.head_budget == "uniform" or not self.stored or not self.decode_evicts:
+            return super().held_original()  # without decode eviction every head grows by one per token
+        return int((self.pos >= 0).sum(dim=-1).max())
+
+    def will_evict(self, q: int) -> bool:
+        if self.head_budget == "uniform" or not self.stored:
+            return super().will_evict(q)
+        pos = self.all_positions()
+        return self.decode_evicts and int(self.live(pos).sum(dim=(1, 2)).max()) + q * pos.shape[1] > \
+            self.cache_size * pos.shape[1]
+
+    def evict(self, score: torch.Tensor) -> torch.Tensor:
+        if self.head_budget == "uniform":
+            return super().evict(score)
+        pos = self.all_positions()
+        return self.empty_slots(~self.keep_best(score, pos) & (pos >= 0))
 
 
 class AdaKVLayer(HeadBudgets, SnapKVLayer):
@@ -84,7 +111,7 @@ class AdaKVLayer(HeadBudgets, SnapKVLayer):
         self.head_budget, self.alpha = "adaptive", alpha
 
 
-def padding_slots(layer: TokenLayer) -> int:
+def padding_slots(layer: SlotLayer) -> int:
     """Allocated slots that hold no real token (heads shorter than the longest, left padding)."""
     if layer.pos is None or layer.start is None:
         return 0

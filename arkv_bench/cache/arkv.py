@@ -16,9 +16,12 @@ are quantized to FP8 (a quantized token never goes back). The window is always O
 `slack` (default 0, the paper's rule) lets an eviction free that many extra slots, so that
 rescoring and eviction happen every slack + 1 steps; the budget still holds after every step.
 
-Storage: Original tokens in the base class's store; Quantized ones as FP8 codes with one
-float32 scale per token and head, with their positions. Attention sees both merged in
-position order (section 4).
+Storage (store.py): Original slots in the model's dtype and Quantized slots as FP8 codes
+with one float32 scale per token and head, each with its positions. Attention runs over both
+at once (section 4: the order of keys does not matter, their RoPE positions are the true
+ones). The first quantization event moves many tokens at once and sizes the Quantized store;
+after it, each event evicts in place and quantizes only the (at most slack + 1) tokens that
+fall out of the Original budget, so the step can be replayed from a CUDA graph.
 """
 
 from __future__ import annotations
@@ -26,20 +29,23 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from arkv_bench.cache.adakv import HEAD_BUDGETS, HeadBudgets
-from arkv_bench.cache.base import BenchCache, TokenLayer, gather_slots, sorted_selection, tensor_bytes
-from arkv_bench.cache.quantize import fp8_dequantize, fp8_quantize
+from arkv_bench.cache.base import BenchCache
+from arkv_bench.cache.quantize import fp8_quantize
 from arkv_bench.cache.scoring import POOLINGS, heavy_hitter_score, oq_ratios, oq_score
+from arkv_bench.cache.store import (SlotLayer, compact_index, lowest, pooled_score, quantize_into, rank_by_position,
+                                    take_or_empty, take_slots)
 
 PAPER = {"tau1": 7.7744, "tau2": 5.4070, "tau3": 5.5277, "gamma": 263.81, "pooling": "avg", "kernel_size": 5}
 
 
-class ArkvLayer(HeadBudgets, TokenLayer):
-    """One layer of ARKV: Original store [B, H, n_o, D] + FP8 Quantized store [B, H, n_q, D].
+class ArkvLayer(HeadBudgets, SlotLayer):
+    """One layer of ARKV on the slot store: Original slots + FP8 Quantized slots.
 
     `head_budget="adaptive"` splits the kept (Original + Quantized) set between heads as AdaKV does
-    (adakv.py); each head's Original budget stays origin_l."""
+    (adakv.py); each head's Original budget stays origin_l. Its events run eagerly."""
 
     quantize = True
 
@@ -54,103 +60,99 @@ class ArkvLayer(HeadBudgets, TokenLayer):
         self.oq: torch.Tensor | None = None  # [B] OQ score per row, from prefill
         self.ratio: torch.Tensor | None = None  # [B] OQ_l / max_j OQ_j
         self.origin_budget: torch.Tensor | None = None  # [B] Original tokens outside the window
-        self.origin_range = (0, 0)  # (min, max) of origin_budget over rows: the stores' fixed capacities
-        self.kq = self.vq = self.k_scale = self.v_scale = self.pos_q = None
-        self._order: torch.Tensor | None = None  # merge order of [Original, Quantized] slots, during attention
+        self.origin_range = (0, 0)  # (min, max) of origin_budget over rows: they size the stores
+        self.quantizing = False  # the Quantized store exists: events run in place
+        self.held_o = 0  # Original slots in use per (row, head) once quantizing, an upper bound
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self.kq, self.k_scale = fp8_quantize(key_states[:, :, :0])
-        self.vq, self.v_scale = fp8_quantize(value_states[:, :, :0])
-        self.pos_q = self.pos.clone()
-
-    # --- the merged view -------------------------------------------------------------------
-    def _all_positions(self) -> torch.Tensor:
-        return torch.cat([self.pos, self.pos_q], dim=2)
-
-    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.pos_q.shape[-1] == 0:
-            self._order = None
-            return self.keys, self.values
-        keys = torch.cat([self.keys, fp8_dequantize(self.kq, self.k_scale, self.dtype)], dim=2)
-        values = torch.cat([self.values, fp8_dequantize(self.vq, self.v_scale, self.dtype)], dim=2)
-        self._order = self._all_positions().argsort(dim=-1)
-        return gather_slots(keys, self._order), gather_slots(values, self._order)
-
-    def view_positions(self) -> torch.Tensor:
-        pos = self._all_positions()
-        return pos if self._order is None else pos.gather(2, self._order)
-
-    def held_slots(self) -> int:
-        return 0 if self.pos is None else self.pos.shape[-1] + self.pos_q.shape[-1]
-
-    def may_hold_empty(self) -> bool:
-        """Stores are sized to the largest row's budget: rows with smaller Original budgets, adaptive
-        heads and padded rows leave empty slots."""
-        return self.padded or self.head_budget == "adaptive" or self.origin_range[0] != self.origin_range[1]
-
-    # --- scoring and compression -----------------------------------------------------------
-    def after_attention(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        prefill = self.oq is None
-        if not prefill and not self.over_budget():
-            return
-        n_scoring = min(self.window_size, query.shape[2]) if prefill else query.shape[2]
+    # --- prefill (sections 1 and 2) ------------------------------------------------------------
+    def end_prefill(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        n_scoring = min(self.window_size, query.shape[2])
         a = self.probs(query, key, scaling, first=query.shape[2] - n_scoring)
-        n_evictable = key.shape[2] - min(self.window_size, self.seen)
-        a = a[..., :max(n_evictable, 0)]
-        if prefill:
-            self.oq = oq_score(a, *self.tau)
+        a = a[..., :max(key.shape[2] - min(self.window_size, self.seen), 0)]  # A': non-window keys
+        self.oq = oq_score(a, *self.tau)
+        keep = self.live(self.pos)
         if self.over_budget():
-            score = heavy_hitter_score(a, self.gamma, self.pooling, self.kernel_size, key.shape[1])
-            self.compress(self._to_storage_order(score), quantize=self.quantize and not prefill)
-        self._order = None
+            s = heavy_hitter_score(a, self.gamma, self.pooling, self.kernel_size, key.shape[1])
+            keep = self.keep_best(F.pad(s, (0, self.pos.shape[-1] - s.shape[-1]), value=float("-inf")), self.pos)
+        self.build_store(keep)
 
-    def _to_storage_order(self, score: torch.Tensor) -> torch.Tensor:
-        """Scores of the evictable view slots -> scores of [Original, Quantized] slots (others -inf)."""
-        b, h, n = self.pos.shape[0], self.pos.shape[1], self.held_slots()
-        full = score.new_full((b, h, n), float("-inf"))
-        order = self._order if self._order is not None else torch.arange(n, device=score.device).expand(b, h, n)
-        return full.scatter(2, order[..., :score.shape[-1]], score)
+    # --- decoding (section 3) --------------------------------------------------------------------
+    def decode_score(self, probs: torch.Tensor) -> torch.Tensor:
+        """s of every slot from this step's queries, pooled in position order; the window scores 0. Max
+        pooling makes exact ties: the earlier token wins them, wherever it is stored."""
+        pos = self.all_positions()
+        score = pooled_score(probs, pos, self.protected_t(pos), self.gamma, self.pooling, self.kernel_size)
+        return rank_by_position(score, pos) if self.pooling == "max" else score
 
-    def compress(self, score: torch.Tensor, quantize: bool) -> None:
-        """Keep the `cache_size` best slots; quantize Original ones beyond this layer's Original budget."""
-        pos_all = self._all_positions()
+    def plan(self, q: int) -> tuple | None:
+        if self.quantize and not self.quantizing and self.will_evict(q):
+            return None  # the first quantization event: eager, it sizes the Quantized store
+        return super().plan(q)
+
+    def held_original(self) -> int:
+        return self.held_o if self.quantizing else super().held_original()
+
+    def advance(self, q: int) -> None:
+        super().advance(q)
+        if self.quantizing:
+            self.held_o = self.window_size + self.origin_range[1] if self.evicting else self.held_o + q
+
+    def after_decode(self, query: torch.Tensor, probs: torch.Tensor) -> None:
+        if not self.evicting:
+            return
+        score = self.decode_score(probs)
+        if not self.quantize or self.origin_budget is None:
+            self.evict(score)
+        elif self.quantizing and self.head_budget == "uniform":
+            evicted = self.evict(score)
+            self.requantize(score, evicted)
+        else:
+            self.rebuild(score)
+
+    def requantize(self, score: torch.Tensor, evicted: torch.Tensor) -> None:
+        """In place: the lowest-scored Original tokens beyond origin_l (at most slack + 1) become Quantized."""
+        n_o, m = self.pos.shape[-1], self.slack + 1
+        candidates = self.live(self.pos) & ~self.protected_t(self.pos) & ~evicted[..., :n_o]
+        n_move = (candidates.sum(dim=-1) - self.origin_budget.view(-1, 1)).clamp(0, m)
+        src = lowest(score[..., :n_o].masked_fill(~candidates, float("inf")), m)
+        move = torch.arange(m, device=src.device) < n_move.unsqueeze(-1)
+        quantize_into(self, src, move)
+
+    def rebuild(self, score: torch.Tensor) -> None:
+        """The first quantization event (and every event with adaptive heads), eagerly: keep the best
+        `cache_size - slack`, quantize the kept Original tokens beyond origin_l, and size the stores."""
+        pos_all = self.all_positions()
         n_o = self.pos.shape[-1]
         keep = self.keep_best(score, pos_all)
-        if not (quantize and self.origin_budget is not None):  # eviction only (the quantized store is empty)
-            self.keep(keep[..., :n_o], self.budget_capacity(n_o))
-            return
-        in_orig = torch.arange(pos_all.shape[-1], device=pos_all.device) < n_o
-        candidates = keep & in_orig & ~self.protected(pos_all)
+        candidates = keep & ~self.protected(pos_all)
+        candidates[..., n_o:] = False
         rank = score.masked_fill(~candidates, float("-inf")).argsort(dim=-1, descending=True).argsort(dim=-1)
-        to_quant = candidates & (rank >= self.origin_budget.view(-1, 1, 1))
-        self._requantize(torch.cat([keep[..., n_o:], to_quant[..., :n_o]], dim=2))
-        capacity = self.budget_capacity(n_o)
-        if capacity is not None:  # uniform heads: the window plus the largest Original budget
-            capacity = min(capacity, self.window_size + self.origin_range[1])
-        self.keep((keep & ~to_quant)[..., :n_o], capacity)
-
-    def _requantize(self, select: torch.Tensor) -> None:
-        """New Quantized store: the selected slots of [Quantized store, Original store (quantized now)]."""
-        new_kq, new_ks = fp8_quantize(self.keys)
-        new_vq, new_vs = fp8_quantize(self.values)
-        pos = torch.cat([self.pos_q, self.pos], dim=2)
-        capacity = None if self.head_budget == "adaptive" else max(
-            self.cache_size - self.slack - self.window_size - self.origin_range[0], 0)
-        idx, valid = sorted_selection(select, pos, capacity)
-        self.kq = gather_slots(torch.cat([self.kq, new_kq], dim=2), idx)
-        self.vq = gather_slots(torch.cat([self.vq, new_vq], dim=2), idx)
-        self.k_scale = gather_slots(torch.cat([self.k_scale, new_ks], dim=2), idx)
-        self.v_scale = gather_slots(torch.cat([self.v_scale, new_vs], dim=2), idx)
-        self.pos_q = torch.where(valid, pos.gather(2, idx), -1)
-
-    # --- accounting --------------------------------------------------------------------------
-    def nbytes(self) -> int:
-        return super().nbytes() + tensor_bytes(self.kq, self.vq, self.k_scale, self.v_scale, self.pos_q, self.oq,
-                                              self.ratio, self.origin_budget)
-
-    def quantized_count(self) -> float:
-        return self.live(self.pos_q).float().sum(-1).mean().item() if self.start is not None else 0.0
+        to_quant = (candidates & (rank >= self.origin_budget.view(-1, 1, 1)))[..., :n_o]
+        m = self.slack + 1
+        uniform = self.head_budget == "uniform"
+        # Uniform heads: the stores' sizes follow from the budgets (no sync); adaptive heads count (syncs).
+        room = self.cache_size - self.slack - self.window_size - self.origin_range[0]  # Quantized, at most
+        moving = compact_index(to_quant, max(room, 0) if uniform else int(to_quant.sum(dim=-1).max()))
+        codes_k, scale_k = fp8_quantize(take_slots(self.keys, moving.clamp_min(0)))
+        codes_v, scale_v = fp8_quantize(take_slots(self.values, moving.clamp_min(0)))
+        new_pos = torch.where(moving >= 0, self.pos.gather(2, moving.clamp_min(0)), -1)
+        if self.pos_q is not None:
+            old_pos = self.pos_q.masked_fill(~keep[..., n_o:], -1)
+            codes_k, codes_v = torch.cat([self.kq, codes_k], dim=2), torch.cat([self.vq, codes_v], dim=2)
+            scale_k, scale_v = torch.cat([self.k_scale, scale_k], dim=2), torch.cat([self.v_scale, scale_v], dim=2)
+            new_pos = torch.cat([old_pos, new_pos], dim=2)
+        cap_q = (max(room, 0) if uniform else int((new_pos >= 0).sum(dim=-1).max())) + m
+        idx = compact_index(new_pos >= 0, cap_q)
+        self.kq, self.vq = take_or_empty(codes_k, idx), take_or_empty(codes_v, idx)
+        self.k_scale, self.v_scale = take_or_empty(scale_k, idx, 1.0), take_or_empty(scale_v, idx, 1.0)
+        self.pos_q = take_or_empty(new_pos, idx, -1)
+        stay = keep[..., :n_o] & ~to_quant
+        cap_o = (self.window_size + self.origin_range[1] if uniform else int(stay.sum(dim=-1).max())) + m
+        idx = compact_index(stay, cap_o)
+        self.keys, self.values = take_or_empty(self.keys, idx), take_or_empty(self.values, idx)
+        self.pos = take_or_empty(self.pos.masked_fill(~stay, -1), idx, -1)
+        self.quantizing, self.held_o, self.triggered = True, cap_o - m, True
+        self.epoch += 1
 
 
 class ArkvCache(BenchCache):
@@ -167,6 +169,11 @@ class ArkvCache(BenchCache):
             self._assign_origin_budgets()
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    def plan(self, q: int) -> tuple | None:
+        if self.layers[0].origin_budget is None:
+            return None  # the next forward assigns the Original budgets (host work, once): eagerly
+        return super().plan(q)
+
     def _assign_origin_budgets(self) -> None:
         """Once every layer has its OQ score: r_l = OQ_l / max over ALL layers, origin_l = round(r_l (C - W))."""
         layers = self.layers
@@ -176,7 +183,9 @@ class ArkvCache(BenchCache):
         for layer, ratio in zip(layers, ratios):
             layer.ratio = ratio
             layer.origin_budget = torch.round(ratio * (layer.cache_size - layer.window_size)).long()
-            layer.origin_range = (int(layer.origin_budget.min()), int(layer.origin_budget.max()))  # one sync, once
+        ranges = torch.stack([torch.stack([layer.origin_budget.min(), layer.origin_budget.max()]) for layer in layers])
+        for layer, (low, high) in zip(layers, ranges.tolist()):  # one sync, once
+            layer.origin_range = (low, high)
 
     def layer_extra(self, layer_idx: int) -> dict[str, Any]:
         layer = self.layers[layer_idx]

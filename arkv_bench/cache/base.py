@@ -103,14 +103,18 @@ class TokenLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.begin_update(key_states, value_states)
+        self.append(key_states, value_states)
+        return self.view()
+
+    def begin_update(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Start of update(): allocate on first use, and mark the layer as waiting for its attention call."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self._awaiting_attention:
             raise RuntimeError(NOT_PREPARED)
-        self.append(key_states, value_states)
         self._awaiting_attention = True
         mark_pending(self)
-        return self.view()
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -278,6 +282,52 @@ class BenchCache(Cache):
     def reset(self) -> None:
         """Forget every token (a fresh cache with the same options)."""
         self.layers = self._new_layers()
+
+    # --- what the generation loop tells the cache, and asks it ----------------------------------
+    def reserve(self, prompt: int, new_tokens: int) -> None:
+        """The prompt's (padded) width and the tokens to generate after it: stores are sized once."""
+        for layer in self.layers:
+            if hasattr(layer, "reserve"):
+                layer.reserve = new_tokens
+
+    def set_prompt_mask(self, attention_mask: torch.Tensor) -> None:
+        """Each row's first real token, from the prompt's 2D mask (a chunk's own mask may not show it)."""
+        start = attention_mask.int().argmax(dim=-1).to(torch.int32)
+        padded = bool((start > 0).any())  # one sync, before the prompt
+        for layer in self.layers:
+            if isinstance(layer, TokenLayer):
+                layer.start, layer.padded = start, padded
+
+    def step_mask(self, attention_mask: torch.Tensor, new_tokens: int) -> torch.Tensor | None:
+        """The fixed mask every decode step can use (so steps can be replayed), or None when the model
+        needs the growing 2D mask. Slot stores mask by position themselves: a placeholder 4D mask
+        tells transformers not to build one."""
+        if all(getattr(layer, "stored", False) for layer in self.layers):
+            return torch.ones(attention_mask.shape[0], 1, 1, 1, dtype=torch.bool, device=attention_mask.device)
+        return None
+
+    def set_prefill_open(self, more: bool) -> None:
+        """Whether more prefill chunks follow the next forward (the methods select after the last one)."""
+        for layer in self.layers:
+            layer.prefill_open = more
+
+    def plan(self, q: int) -> tuple | None:
+        """A key for the next decode forward of q tokens (same key: same shapes and work, so one captured
+        CUDA graph serves it), or None when it must run eagerly. Known on the host, without a sync."""
+        keys = [layer.plan(q) if hasattr(layer, "plan") else None for layer in self.layers]
+        if any(key is None for key in keys):
+            return None
+        return (sum(layer.epoch for layer in self.layers), *keys)
+
+    def shapes(self) -> tuple:
+        """The shapes of every layer's tensors: a captured step fits a cache of the same shapes."""
+        return tuple(tuple((name, tuple(t.shape)) for name, t in sorted(vars(layer).items())
+                           if isinstance(t, torch.Tensor)) for layer in self.layers)
+
+    def advance(self, q: int) -> None:
+        """The host side of a decode forward that a replayed graph did on the device."""
+        for layer in self.layers:
+            layer.advance(q)
 
     def kv_bytes(self) -> int:
         """Bytes of every tensor held: values, scales, zero points, positions."""

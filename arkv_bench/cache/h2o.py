@@ -1,8 +1,9 @@
 """H2O: heavy hitters by attention accumulated over every query so far, plus a recent window.
 
 Each KV head keeps a running sum of the attention its tokens received (averaged over the
-head's query group). When a layer holds more than `cache_size` tokens, the tokens with the
-lowest sum are evicted; the last `window_size` tokens are always kept.
+head's query group), prefill chunk by chunk and then every decoding step. When a layer
+holds more than `cache_size` tokens, the tokens with the lowest sum are evicted; the last
+`window_size` tokens are always kept.
 """
 
 from __future__ import annotations
@@ -11,40 +12,48 @@ from typing import Any
 
 import torch
 
-from arkv_bench.cache.base import BenchCache, TokenLayer, tensor_bytes
+from arkv_bench.cache.base import BenchCache
+from arkv_bench.cache.store import SlotLayer, empty_like_slots, take_or_empty
 
-QUERY_CHUNK = 256  # prefill queries scored at once: bounds the [B, H, chunk, N] weights in memory
+PROBS_ELEMENTS = 1 << 27  # prefill attention weights scored at once (float32: 512 MiB), whatever the batch
 
 
-class H2OLayer(TokenLayer):
-    """Full-precision store plus `acc` [B, Hkv, n] float32, the attention each slot has received."""
+class H2OLayer(SlotLayer):
+    """The slots plus `acc` [B, Hkv, N] float32, the attention each slot's token has received."""
 
     def __init__(self, layer_idx: int, cache_size: int, window_size: int = 32, slack: int = 0, **_: Any):
         super().__init__(layer_idx, cache_size, window_size, slack)
         self.acc: torch.Tensor | None = None
 
-    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().append(key_states, value_states)
-        b, h, q, _ = key_states.shape
-        fresh = torch.zeros(b, h, q, dtype=torch.float32, device=key_states.device)
+    def accumulate(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        b, hq, n_q, _ = query.shape
+        n = key.shape[2]
+        fresh = torch.zeros(b, key.shape[1], n_q, dtype=torch.float32, device=key.device)
         self.acc = fresh if self.acc is None else torch.cat([self.acc, fresh], dim=2)
+        step = max(1, PROBS_ELEMENTS // (b * hq * n))
+        for first in range(0, n_q, step):
+            self.add(self.probs(query, key, scaling, first, min(first + step, n_q)))
 
-    def may_hold_empty(self) -> bool:
-        return self.padded  # it keeps exactly its budget of real tokens per head
+    def add(self, a: torch.Tensor) -> None:
+        """acc += the attention a [B, Hq, q, N], summed over queries and averaged over each KV group."""
+        b, hq, _, n = a.shape
+        self.acc += a.sum(dim=2).view(b, self.acc.shape[1], -1, n).mean(dim=2)
 
-    def after_attention(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        kv_heads, n_q = key.shape[1], query.shape[2]
-        for first in range(0, n_q, QUERY_CHUNK):
-            a = self.probs(query, key, scaling, first, min(first + QUERY_CHUNK, n_q))
-            b, hq, _, n = a.shape
-            self.acc += a.sum(dim=2).view(b, kv_heads, hq // kv_heads, n).mean(dim=2)
-        if self.over_budget():
-            keep = self.keep_best(self.acc, self.pos)
-            idx, valid = self.keep(keep, self.budget_capacity(keep.shape[-1]))
-            self.acc = torch.where(valid, self.acc.gather(2, idx), 0.0)
+    def end_prefill(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        keep = self.keep_best(self.acc, self.pos) if self.over_budget() else self.live(self.pos)
+        idx = self.build_store(keep)
+        self.acc = take_or_empty(self.acc, idx)
 
-    def nbytes(self) -> int:
-        return super().nbytes() + tensor_bytes(self.acc)
+    def on_write(self, slots: torch.Tensor) -> None:
+        self.acc.scatter_(2, slots, 0.0)
+
+    def grow_extras(self, extra: int) -> None:
+        self.acc = torch.cat([self.acc, empty_like_slots(self.acc, extra)], dim=2)
+
+    def after_decode(self, query: torch.Tensor, probs: torch.Tensor) -> None:
+        self.add(probs)
+        if self.evicting:
+            self.acc.masked_fill_(self.evict(self.acc), 0.0)
 
 
 class H2OCache(BenchCache):

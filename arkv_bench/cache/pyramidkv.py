@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from arkv_bench.cache.base import TokenLayer
+from arkv_bench.cache.store import SlotLayer
 from arkv_bench.cache.snapkv import SnapKVCache
 
 
@@ -37,7 +37,7 @@ class PyramidKVCache(SnapKVCache):
     method = "pyramidkv"
     defaults = {**SnapKVCache.defaults, "beta": 20}
 
-    def _new_layers(self) -> list[TokenLayer]:
+    def _new_layers(self) -> list[SlotLayer]:
         opts = self.options
         budgets = pyramid_budgets(opts["cache_size"], opts["window_size"], self.num_layers, opts["beta"])
         return [self.layer_class(layer_idx=i, **{**opts, "cache_size": budget}) for i, budget in enumerate(budgets)]

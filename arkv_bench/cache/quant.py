@@ -1,48 +1,88 @@
 """`quant`: uniform per-token FP8 (the ARKV reference's quantizer) for every token outside the
-recent window; nothing is evicted. Attention sees the FP8 tokens dequantized, in order."""
+recent window; nothing is evicted.
+
+On the slot store: the last `window_size` tokens sit in W + 1 Original slots; the Quantized
+slot of token p is slot p (the store is sized for the prompt plus the tokens still to come).
+Each step writes the new token into the free Original slot and quantizes only the one token
+that leaves the window."""
 
 from __future__ import annotations
 
 import torch
 
-from arkv_bench.cache.base import BenchCache, TokenLayer, tensor_bytes
-from arkv_bench.cache.quantize import fp8_dequantize, fp8_quantize
+from arkv_bench.cache.base import BenchCache
+from arkv_bench.cache.quantize import fp8_quantize
+from arkv_bench.cache.store import GROW, SlotLayer, empty_like_slots, scatter_slots, take_slots
 
 
-class FP8Layer(TokenLayer):
-    """FP8 store [B, H, n_q, D] + float32 scale per token (the oldest tokens), then the Original
-    store (the last `window_size` tokens). Dense: every token seen is held, in order."""
+class FP8Layer(SlotLayer):
+    """FP8 slots [B, H, C_q, D] (+ a float32 scale per token) and W + 1 Original slots."""
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self.kq, self.k_scale = fp8_quantize(key_states[:, :, :0])
-        self.vq, self.v_scale = fp8_quantize(value_states[:, :, :0])
+    decode_evicts = False
+    n_moving = 0  # tokens leaving the window in this forward (host-side plan)
 
-    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.kq.shape[2] == 0:
-            return self.keys, self.values
-        return (torch.cat([fp8_dequantize(self.kq, self.k_scale, self.dtype), self.keys], dim=2),
-                torch.cat([fp8_dequantize(self.vq, self.v_scale, self.dtype), self.values], dim=2))
+    def end_prefill(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        n = self.pos.shape[-1]
+        n_move = max(n - self.window_size, 0)
+        capacity = n + (self.reserve or GROW)
+        self.kq = empty_like_slots(self.keys[:, :, :0].to(torch.float8_e4m3fn), capacity)
+        self.vq = empty_like_slots(self.kq, capacity)
+        self.k_scale = torch.ones(*self.pos.shape[:2], capacity, 1, device=self.pos.device)
+        self.v_scale = torch.ones_like(self.k_scale)
+        slots = torch.arange(capacity, dtype=torch.int32, device=self.pos.device)
+        self.pos_q = torch.where(slots < n_move, slots, -1).expand(*self.pos.shape[:2], capacity).contiguous()
+        if n_move:
+            self.kq[:, :, :n_move], self.k_scale[:, :, :n_move] = fp8_quantize(self.keys[:, :, :n_move])
+            self.vq[:, :, :n_move], self.v_scale[:, :, :n_move] = fp8_quantize(self.values[:, :, :n_move])
+            self.triggered = True
+        self.build_store(self.pos >= n_move, self.window_size + 1)
 
-    def held_slots(self) -> int:
-        return 0 if self.pos is None else self.kq.shape[2] + self.keys.shape[2]
+    def moving(self, q: int) -> int:
+        """Tokens that leave the window in a forward of q tokens."""
+        return max(self.held + q - self.window_size, 0)
 
-    def after_attention(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        n_move = self.keys.shape[2] - self.window_size
-        if n_move <= 0:
+    def plan(self, q: int) -> tuple | None:
+        if not self.stored or self.original_room() < q or self.seen + q - self.window_size > self.pos_q.shape[-1]:
+            return None
+        return (q, self.moving(q))
+
+    def make_room(self, q: int) -> None:
+        super().make_room(q)
+        missing = self.seen + q - self.window_size - self.pos_q.shape[-1]
+        if missing > 0:
+            extra = missing + (0 if self.reserve else GROW)
+            slots = torch.arange(self.pos_q.shape[-1], self.pos_q.shape[-1] + extra, dtype=torch.int32,
+                                 device=self.pos_q.device)
+            self.kq = torch.cat([self.kq, empty_like_slots(self.kq, extra)], dim=2)
+            self.vq = torch.cat([self.vq, empty_like_slots(self.vq, extra)], dim=2)
+            self.k_scale = torch.cat([self.k_scale, empty_like_slots(self.k_scale, extra, 1.0)], dim=2)
+            self.v_scale = torch.cat([self.v_scale, empty_like_slots(self.v_scale, extra, 1.0)], dim=2)
+            self.pos_q = torch.cat([self.pos_q, torch.full_like(slots, -1).expand(*self.pos_q.shape[:2], extra)], dim=2)
+            self.epoch += 1
+
+    def advance(self, q: int) -> None:
+        self.n_moving = self.moving(q)
+        self.seen += q
+        self.held = min(self.held + q, self.window_size)
+
+    def after_decode(self, query: torch.Tensor, probs: torch.Tensor) -> None:
+        if not self.n_moving:
             return
-        kq, ks = fp8_quantize(self.keys[:, :, :n_move])
-        vq, vs = fp8_quantize(self.values[:, :, :n_move])
-        self.kq, self.k_scale = torch.cat([self.kq, kq], dim=2), torch.cat([self.k_scale, ks], dim=2)
-        self.vq, self.v_scale = torch.cat([self.vq, vq], dim=2), torch.cat([self.v_scale, vs], dim=2)
-        self.keys, self.values, self.pos = (t[:, :, n_move:] for t in (self.keys, self.values, self.pos))
-        self.triggered = True
-
-    def nbytes(self) -> int:
-        return super().nbytes() + tensor_bytes(self.kq, self.vq, self.k_scale, self.v_scale)
-
-    def quantized_count(self) -> float:
-        return (self.kq.shape[2] - self.start.float()).clamp_min(0).mean().item() if self.start is not None else 0.0
+        b, h = self.pos.shape[:2]
+        dst = self.seen_t - self.window_size - self.n_moving + torch.arange(self.n_moving, device=self.pos.device,
+                                                                             dtype=torch.int32)
+        match = self.pos.unsqueeze(-1) == dst  # [B, H, C_o, m]
+        src = match.int().argmax(dim=2)  # the Original slot of each leaving token
+        found = match.any(dim=2)  # False for a padding position (its slot was emptied at prefill)
+        dst = dst.long().expand(b, h, -1)
+        codes, scale = fp8_quantize(take_slots(self.keys, src))
+        scatter_slots(self.kq, dst, codes)
+        scatter_slots(self.k_scale, dst, scale)
+        codes, scale = fp8_quantize(take_slots(self.values, src))
+        scatter_slots(self.vq, dst, codes)
+        scatter_slots(self.v_scale, dst, scale)
+        self.pos_q.scatter_(2, dst, torch.where(found, self.pos.gather(2, src), -1))
+        self.pos.scatter_(2, src, torch.where(found, -1, self.pos.gather(2, src)))
 
 
 class FP8Cache(BenchCache):

@@ -21,27 +21,27 @@ from typing import Any
 
 import torch
 
-from arkv_bench.cache.base import BenchCache, TokenLayer
+from arkv_bench.cache.base import BenchCache
 from arkv_bench.cache.scoring import POOLINGS, heavy_hitter_score
+from arkv_bench.cache.store import SlotLayer, pooled_score, rank_by_position
 
 FLAGS = (False, True)
 
 
-class SnapKVLayer(TokenLayer):
-    """Full-precision store; compressed once at the end of prefill (and while decoding if asked)."""
+class SnapKVLayer(SlotLayer):
+    """Compressed once at the end of prefill (and while decoding if asked); the store then grows by one
+    token per step into slots reserved for the generation."""
 
     def __init__(self, layer_idx: int, cache_size: int, window_size: int = 32, pooling: str = "max",
                  kernel_size: int = 7, decode_compress: bool = False, **_: Any):
         super().__init__(layer_idx, cache_size, window_size)
         self.pooling, self.kernel_size, self.decode_compress = pooling, kernel_size, decode_compress
-        self.prefilled = False
+        self.decode_evicts = decode_compress
 
-    def after_attention(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        prefill, self.prefilled = not self.prefilled, True
-        if not (prefill or self.decode_compress) or not self.over_budget():
-            return
-        keep = self.keep_best(self.snap_score(query, key, scaling), self.pos)
-        self.keep(keep, self.budget_capacity(keep.shape[-1]))
+    def end_prefill(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        keep = self.keep_best(self.snap_score(query, key, scaling), self.pos) if self.over_budget() \
+            else self.live(self.pos)
+        self.build_store(keep)
 
     def keep_best(self, score: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The base selection on ranks: max pooling makes exact ties, and top-k breaks them by memory layout
@@ -51,7 +51,7 @@ class SnapKVLayer(TokenLayer):
         return super().keep_best(-rank.float(), pos)
 
     def snap_score(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
-        """SnapKV's score of every held slot [B, Hkv, N]; window slots score 0 (they are protected)."""
+        """SnapKV's score of every dense slot [B, Hkv, N]; window slots score 0 (they are protected)."""
         n_q = query.shape[2]
         a = self.probs(query, key, scaling, first=n_q - min(self.window_size, n_q))
         # Only non-window keys are scored: zeroing the window's columns before pooling is the same as
@@ -59,6 +59,14 @@ class SnapKVLayer(TokenLayer):
         window = self.protected(self.pos).repeat_interleave(query.shape[1] // key.shape[1], dim=1)
         return heavy_hitter_score(a.masked_fill(window.unsqueeze(2), 0.0), 0.0, self.pooling, self.kernel_size,
                                   key.shape[1])
+
+    def decode_score(self, probs: torch.Tensor) -> torch.Tensor:
+        """The same score from this step's queries over the slots; ties go to the earlier position."""
+        n_q = probs.shape[2]
+        pos = self.pos
+        score = pooled_score(probs[:, :, n_q - min(self.window_size, n_q):], pos, self.protected_t(pos), 0.0,
+                             self.pooling, self.kernel_size)
+        return rank_by_position(score, pos)
 
 
 class SnapKVCache(BenchCache):

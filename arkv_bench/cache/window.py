@@ -6,26 +6,28 @@ from typing import Any
 
 import torch
 
-from arkv_bench.cache.base import BenchCache, TokenLayer
+from arkv_bench.cache.base import BenchCache
+from arkv_bench.cache.store import SlotLayer
 
 
-class WindowLayer(TokenLayer):
-    """Full-precision store; over budget, keep the sinks and the newest `cache_size - n_sink` tokens."""
+class WindowLayer(SlotLayer):
+    """Over budget, keep the sinks and the newest `cache_size - n_sink` tokens (score: recency)."""
 
     def __init__(self, layer_idx: int, cache_size: int, window_size: int = 32, n_sink: int = 4, slack: int = 0,
                  **_: Any):
         super().__init__(layer_idx, cache_size, window_size, slack)
         self.n_sink = n_sink
 
-    def may_hold_empty(self) -> bool:
-        return self.padded  # it keeps exactly its budget of real tokens per head
+    def recency(self, pos: torch.Tensor) -> torch.Tensor:
+        sink = self.live(pos) & (pos - self.start.view(-1, 1, 1) < self.n_sink)
+        return pos.float().masked_fill(sink, float("inf"))
 
-    def after_attention(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        if not self.over_budget():
-            return
-        sink = self.live(self.pos) & (self.pos - self.start.view(-1, 1, 1) < self.n_sink)
-        recency = self.pos.float().masked_fill(sink, float("inf"))
-        self.keep(self.keep_best(recency, self.pos), self.budget_capacity(self.pos.shape[-1]))
+    def end_prefill(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        keep = self.keep_best(self.recency(self.pos), self.pos) if self.over_budget() else self.live(self.pos)
+        self.build_store(keep)
+
+    def decode_score(self, probs: torch.Tensor) -> torch.Tensor:
+        return self.recency(self.pos)
 
 
 class WindowCache(BenchCache):
