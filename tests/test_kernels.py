@@ -268,3 +268,36 @@ def test_triton_probabilities_per_query_row():
     _, grouped = decode_attention(q.to(DEVICE), on(DEVICE, segments), START.to(DEVICE), 0.2, q_pos.to(DEVICE),
                                   return_weights=True, backend="triton")
     torch.testing.assert_close(torch.cat(grouped, -1), p.view(B, HKV, GROUP * 2, -1).mean(2), atol=1e-7, rtol=1e-5)
+
+
+# --- the slot store through the kernel ------------------------------------------------------------
+
+@needs_triton
+@pytest.mark.parametrize("method", ["quant", "mix", "origin"])
+def test_triton_slot_store_attention_matches_its_torch_path(method: str):
+    """On the store a real bf16 decode built (mix after its first quantization), the kernel's output and
+    per-head probabilities match the store's torch path (`slot_attention`), for every layer."""
+    from arkv_bench.cache import make_cache
+    from arkv_bench.generation import greedy_generate, left_pad
+    from tests.conftest import prompt_ids, tiny_model
+
+    model = tiny_model("llama").to(device=DEVICE, dtype=torch.bfloat16)
+    rows = [prompt_ids(n, seed=40 + i)[0].tolist() for i, n in enumerate([150, 110])]
+    ids, mask = left_pad(rows, 0, DEVICE)
+    budget = {} if method == "quant" else {"cache_size": 64}
+    cache = make_cache(method, model.config, window_size=16, attention_kernel="torch", **budget)
+    greedy_generate(model, ids, mask, cache, 8, compile=False)
+    g = torch.Generator().manual_seed(3)
+    for layer in cache.layers:
+        assert layer.pos_q is not None or method == "origin"
+        hkv, d = layer.keys.shape[1], layer.keys.shape[3]
+        query = torch.randn(2, 2 * hkv, 1, d, generator=g).to(device=DEVICE, dtype=torch.bfloat16)
+        layer.evicting = method != "quant"  # a step that scores (mix, origin), whatever the last step was
+        want_out, want_p = layer.slot_attention(query, d ** -0.5)
+        out, p = layer.kernel_attention(query, d ** -0.5)
+        torch.testing.assert_close(out.float(), want_out.float(), **OUT_TOL)
+        if method == "quant":  # scores nothing: no probabilities written
+            assert p is None
+            continue
+        # the torch path rounds the Original slots' logits to bf16 (a bf16 matmul), the kernel keeps float32
+        torch.testing.assert_close(p, want_p, atol=1e-4, rtol=2e-2)

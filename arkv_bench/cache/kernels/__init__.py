@@ -18,13 +18,14 @@ it applies and is installed, else torch).
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
 from arkv_bench.cache.kernels.reference import reference_attention
 from arkv_bench.cache.kernels.segments import Codes, Segment, fp8, original, packed_int
 
-BACKENDS = ("auto", "triton", "torch")
+from arkv_bench.options import ATTENTION_KERNELS as BACKENDS  # auto, triton, torch: one list
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 MAX_ROWS = 128  # query heads per KV head x queries: one program holds them all in registers
 __all__ = ["BACKENDS", "Codes", "Segment", "decode_attention", "fp8", "original", "packed_int", "resolve_backend"]
@@ -41,6 +42,9 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
     # packed codes are split into 8 / bits dot products over head_dim * bits / 8 channels: 16 at least
     channels = head_dim * bits // 8 if bits < 8 else head_dim
     fits = dtype in KERNEL_DTYPES and rows <= MAX_ROWS and channels >= 16 and head_dim & (head_dim - 1) == 0
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"the triton kernel runs on CUDA (or under TRITON_INTERPRET=1), not on {device.type}: "
+                         "use auto or torch")
     if backend == "triton" and not fits:
         raise ValueError(f"the triton kernel takes bf16/fp16 queries of at most {MAX_ROWS} rows per KV head and a "
                          f"power-of-two head dimension of at least 16 x 8 / bits, got {dtype}, {rows} rows, "
