@@ -259,24 +259,26 @@ def _queries(q_ptr, b, h, rows, row_ok, q_sb, q_sr, qk_scale, K_BITS: tl.constex
     into base-2 logits. Against the model's dtype the query is kept as is; against FP8 or int codes
     (fp16 operands) it is multiplied by a power of two that puts its largest entry in [2^13, 2^14)."""
     q0 = _query(q_ptr, b, h, rows, row_ok, q_sb, q_sr, 0, K_PER, ROWS, HEAD_DIM)
-    if K_BITS == 16:
+    if K_BITS == 16:  # one return statement: Triton 3.6 compares the types of every return, taken or not
         q0 = _operand(q0, q0.dtype, DOT_F32)
-        return q0, q0, q0, q0, qk_scale
-    full = _query(q_ptr, b, h, rows, row_ok, q_sb, q_sr, 0, 1, ROWS, HEAD_DIM).to(tl.float32)
-    top = tl.max(tl.max(tl.abs(full), 1), 0)
-    exponent = tl.minimum(tl.maximum((top.to(tl.int32, bitcast=True) >> 23) & 0xFF, 14), 240)
-    factor = ((267 - exponent) << 23).to(tl.float32, bitcast=True)
-    logit_scale = qk_scale * ((exponent - 13) << 23).to(tl.float32, bitcast=True)
-    q0 = _operand(q0.to(tl.float32) * factor, tl.float16, DOT_F32)
-    q1, q2, q3 = q0, q0, q0
-    if K_PER > 1:
-        q1 = _operand(_query(q_ptr, b, h, rows, row_ok, q_sb, q_sr, 1, K_PER, ROWS, HEAD_DIM).to(tl.float32)
-                      * factor, tl.float16, DOT_F32)
-    if K_PER == 4:
-        q2 = _operand(_query(q_ptr, b, h, rows, row_ok, q_sb, q_sr, 2, K_PER, ROWS, HEAD_DIM).to(tl.float32)
-                      * factor, tl.float16, DOT_F32)
-        q3 = _operand(_query(q_ptr, b, h, rows, row_ok, q_sb, q_sr, 3, K_PER, ROWS, HEAD_DIM).to(tl.float32)
-                      * factor, tl.float16, DOT_F32)
+        q1, q2, q3 = q0, q0, q0
+        logit_scale = qk_scale
+    else:
+        full = _query(q_ptr, b, h, rows, row_ok, q_sb, q_sr, 0, 1, ROWS, HEAD_DIM).to(tl.float32)
+        top = tl.max(tl.max(tl.abs(full), 1), 0)
+        exponent = tl.minimum(tl.maximum((top.to(tl.int32, bitcast=True) >> 23) & 0xFF, 14), 240)
+        factor = ((267 - exponent) << 23).to(tl.float32, bitcast=True)
+        logit_scale = qk_scale * ((exponent - 13) << 23).to(tl.float32, bitcast=True)
+        q0 = _operand(q0.to(tl.float32) * factor, tl.float16, DOT_F32)
+        q1, q2, q3 = q0, q0, q0
+        if K_PER > 1:
+            q1 = _operand(_query(q_ptr, b, h, rows, row_ok, q_sb, q_sr, 1, K_PER, ROWS, HEAD_DIM).to(tl.float32)
+                          * factor, tl.float16, DOT_F32)
+        if K_PER == 4:
+            q2 = _operand(_query(q_ptr, b, h, rows, row_ok, q_sb, q_sr, 2, K_PER, ROWS, HEAD_DIM).to(tl.float32)
+                          * factor, tl.float16, DOT_F32)
+            q3 = _operand(_query(q_ptr, b, h, rows, row_ok, q_sb, q_sr, 3, K_PER, ROWS, HEAD_DIM).to(tl.float32)
+                          * factor, tl.float16, DOT_F32)
     return q0, q1, q2, q3, logit_scale
 
 
