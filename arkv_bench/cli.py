@@ -213,12 +213,14 @@ def _fmt(value: Any, digits: int = 1) -> str:
 
 def summary_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="arkv-bench run")
-    for col in ("task", "method", "cache", "n", "score", "±95%", "kv ratio", "decode tok/s", "TTFT ms",
-                "compressed", "evicted", "quantized", "status"):
-        table.add_column(col, justify="left" if col in ("task", "method") else "right")
+    protocols = len({r.get("protocol") for r in rows}) > 1  # a column only where the run compares protocols
+    for col in ("task", "method", *(("protocol",) if protocols else ()), "cache", "n", "score", "±95%", "kv ratio",
+                "decode tok/s", "TTFT ms", "compressed", "evicted", "quantized", "status"):
+        table.add_column(col, justify="left" if col in ("task", "method", "protocol") else "right")
     for r in rows:
         size = r["cache_size"]
-        table.add_row(r["task"], r["quant_type"], "—" if size in (None, "") else f"{size:g}", str(r["n"]),
+        table.add_row(r["task"], r["quant_type"], *((r["protocol"],) if protocols else ()),
+                      "—" if size in (None, "") else f"{size:g}", str(r["n"]),
                       _fmt(r["score"]),
                       _fmt(r["score_ci95"]), _fmt(r["kv_ratio"], 3), _fmt(r["decode_tok_s"]), _fmt(r["ttft_ms"]),
                       _fmt(r["compressed_frac"], 2), _fmt(r["evicted_frac"], 2), _fmt(r["quantized_frac"], 2),

@@ -67,6 +67,8 @@ class ComparisonRow:
     peak_mem_bytes: float | None
     peak_mem_ratio: float | None
     compressed_frac: float | None
+    protocol: str = "query-aware"  # rows of summaries written before protocols existed are query-aware
+    higher_is_better: bool = True  # False where the score is a loss (ppl): the best score is the lowest
 
     @property
     def group(self) -> tuple[Any, ...]:
@@ -161,15 +163,26 @@ def _pick_baseline(candidates: list[tuple[str, Row]], run: str, row: Row) -> Row
     if not candidates:
         return None
 
-    def preference(item: tuple[str, Row]) -> tuple[bool, bool, bool]:
+    def preference(item: tuple[str, Row]) -> tuple[bool, bool, bool, bool]:
         cand_run, cand = item
         return (
+            _protocol(cand) != _protocol(row),
             cand.get("cache_size") != row.get("cache_size"),
             cand_run != run,
             cand.get("status") not in (None, "ok"),
         )
 
     return min(candidates, key=preference)[1]  # min is stable: ties keep file order
+
+
+def _protocol(row: Row) -> str:
+    return str(row.get("protocol") or "query-aware")
+
+
+def _higher_is_better(suite: Any) -> bool:
+    from arkv_bench.suites import higher_is_better
+
+    return higher_is_better(suite)
 
 
 def _make_row(run: str, row: Row, base: Row | None, baseline: str) -> ComparisonRow:
@@ -197,6 +210,8 @@ def _make_row(run: str, row: Row, base: Row | None, baseline: str) -> Comparison
         peak_mem_bytes=row.get("peak_mem_bytes"),
         peak_mem_ratio=ratio(row.get("peak_mem_bytes"), base.get("peak_mem_bytes")),
         compressed_frac=row.get("compressed_frac"),
+        protocol=_protocol(row),
+        higher_is_better=_higher_is_better(row.get("suite")),
     )
 
 
@@ -226,7 +241,7 @@ def _mean_or_none(values: list[Any]) -> float | None:
 def _average_rows(rows: list[Row]) -> Row:
     """A summary-like row holding the unweighted mean over tasks (score_ci95 unknown)."""
     first = rows[0]
-    averaged: Row = {key: first.get(key) for key in ("model", "dtype", "suite", "quant_type")}
+    averaged: Row = {key: first.get(key) for key in ("model", "dtype", "suite", "quant_type", "protocol")}
     averaged["cache_size"] = first.get("cache_size")
     averaged["task"] = AVG_TASK
     for key in _AVERAGED:
@@ -248,7 +263,7 @@ def _suite_averages(
     for run, row, base in entries:
         suite_key = (run, row.get("model"), row.get("dtype"), row.get("suite"))
         tasks_of.setdefault(suite_key, set()).add(row.get("task"))
-        method_key = suite_key + (row.get("quant_type"), cache_size_key(row.get("cache_size")))
+        method_key = suite_key + (row.get("quant_type"), cache_size_key(row.get("cache_size")), _protocol(row))
         groups.setdefault(method_key, []).append((row, base))
 
     averages: list[ComparisonRow] = []
@@ -280,6 +295,8 @@ def _row_order(row: ComparisonRow, baseline: str) -> tuple[Any, ...]:
         str(row.suite),
         row.task == AVG_TASK,
         str(row.task),
+        row.protocol != "query-aware",
+        row.protocol,
         row.quant_type != baseline,
         str(row.quant_type).casefold(),
         cache_size_key(row.cache_size),
@@ -328,6 +345,9 @@ def compare(
     averages, average_notes = _suite_averages(matched, baseline)
     rows.extend(averages)
     rows.sort(key=lambda r: _row_order(r, baseline))
+    losses = sorted({str(r.suite) for r in rows if not r.higher_is_better})
+    notes += [f"{name}: the score is a loss (perplexity for ppl), lower is better; % of {baseline} is its ratio to "
+              f"{baseline}'s, so above 100% is worse" for name in losses]
     return Comparison(baseline=baseline, rows=rows, notes=_unique(notes + average_notes))
 
 
@@ -397,6 +417,7 @@ TABLE_COLUMNS = [
     Column("task", "Task", _fmt("{}"), numeric=False),
     Column("quant_type", "Method", _fmt("{}"), numeric=False),
     Column("cache_size", "Cache", format_cache_size),
+    Column("protocol", "Protocol", _fmt("{}"), numeric=False),
     Column("n", "n", _fmt("{}")),
     Column("score", "Score", _fmt("{:.1f}"), "high"),
     Column("score_ci95", "±95%", _fmt("±{:.1f}")),
@@ -409,7 +430,9 @@ TABLE_COLUMNS = [
     Column("status", "Status", _fmt("{}"), numeric=False),
 ]
 
-_OPTIONAL_WHEN_CONSTANT = ("run", "dtype")
+_OPTIONAL_WHEN_CONSTANT = ("run", "dtype", "protocol")
+# ranked the score's way: for a loss (ppl) the lowest score and the lowest % of the baseline are best
+_SCORE_KEYS = ("score", "score_pct_of_baseline")
 
 
 def display_columns(rows: list[ComparisonRow]) -> list[Column]:
@@ -427,7 +450,8 @@ def best_cells(rows: list[ComparisonRow], columns: list[Column]) -> set[tuple[in
     """(row index, column key) of the best value per column within each comparable group.
 
     Groups are (model, dtype, suite, task): a passkey score is not better or worse than a
-    GSM8K score. Ties are all marked; a group with fewer than two values marks nothing.
+    GSM8K score. Ties are all marked; a group with fewer than two values marks nothing. A score
+    whose suite is a loss (higher_is_better False) is best when lowest.
     """
     marked: set[tuple[int, str]] = set()
     by_group: dict[tuple[Any, ...], list[int]] = {}
@@ -436,8 +460,11 @@ def best_cells(rows: list[ComparisonRow], columns: list[Column]) -> set[tuple[in
     for col in columns:
         if col.better is None:
             continue
-        pick = max if col.better == "high" else min
         for indices in by_group.values():
+            high = col.better == "high"
+            if col.key in _SCORE_KEYS and not rows[indices[0]].higher_is_better:
+                high = not high
+            pick = max if high else min
             values = {i: getattr(rows[i], col.key) for i in indices}
             values = {i: v for i, v in values.items() if v is not None}
             if len(values) < 2:

@@ -32,6 +32,7 @@ class Generation:
     kv_bytes_full: int = 0  # what the full cache would hold for the same tokens
     host_bytes: int = 0  # what the cache keeps in CPU memory (AKV's cold tier), not in kv_bytes
     stats: dict[str, Any] = field(default_factory=dict)
+    shared_prefill_s: float = 0.0  # of prefill_s and ttft_s: a forward pass shared with other runs (shared_prefill.py)
 
 
 def _sync(device: torch.device) -> None:
@@ -176,19 +177,22 @@ class Decoder:
 def greedy_generate(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     cache: BenchCache, max_new_tokens: int, eos_ids: Sequence[int] = (),
                     should_stop: Callable[[list[int]], bool] | None = None, compile: bool | None = None,
-                    prefill_chunk: int | None = None) -> Generation:
+                    prefill_chunk: int | None = None, run_prompt: Callable[[], torch.Tensor] | None = None
+                    ) -> Generation:
     """Greedy decoding until every row hit EOS, a stop, or `max_new_tokens`.
 
     `compile` (default: on for CUDA) replays decode steps from CUDA graphs where the cache allows it;
     `prefill_chunk` (default: 4096 on CUDA, 0 = one pass on CPU) splits the prompt. EOS is checked on
-    the device; the host looks at it every few steps (every step on CPU or with `should_stop`)."""
+    the device; the host looks at it every few steps (every step on CPU or with `should_stop`).
+    `run_prompt` replaces `prefill` (it returns the last position's logits): shared_prefill runs only
+    the prompt's tail there."""
     device = input_ids.device
     compile = device.type == "cuda" if compile is None else compile
     prefill_chunk = default_prefill_chunk(device) if prefill_chunk is None else prefill_chunk
     cache.reserve(input_ids.shape[1], max_new_tokens)
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
     t0 = clock(device)
-    logits = prefill(model, input_ids, attention_mask, cache, prefill_chunk)
+    logits = prefill(model, input_ids, attention_mask, cache, prefill_chunk) if run_prompt is None else run_prompt()
     prefill_s = clock(device) - t0
     first = logits.argmax(-1).to(device)  # a sharded model's logits come from its last GPU
     sharded = len(set(getattr(model, "hf_device_map", {}).values())) > 1  # --device-map: a graph per device is not kept

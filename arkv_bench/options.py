@@ -22,6 +22,9 @@ CHAT_CHOICES = ("auto", "on", "off")
 ATTENTION_KERNELS = ("auto", "triton", "torch")
 ATTENTION_KERNEL_HELP = ("decode attention over the slot stores: auto (the Triton kernel on CUDA where it applies, "
                          "reading FP8 slots as stored), triton, or torch (the reference path)")
+# query-aware: the prompt with its question is prefilled and compressed (the ARKV paper's protocol);
+# query-agnostic: the context alone is compressed, the question comes after (arkv_bench/protocols.py)
+PROTOCOLS = ("query-aware", "query-agnostic")
 
 
 class UsageError(ValueError):
@@ -110,6 +113,19 @@ def _folder(flag: str, value: Any) -> str:
     return text
 
 
+def _file(flag: str, value: Any) -> str:
+    text = _text(flag, value)
+    if not Path(text).expanduser().is_file():
+        raise UsageError(f"{flag} {text} is not a file: pass the path of a UTF-8 text file")
+    return text
+
+
+def _protocol(text: str) -> str:
+    if text not in PROTOCOLS:
+        raise UsageError(f"unknown protocol {text!r}; valid protocols: {', '.join(PROTOCOLS)}")
+    return text
+
+
 def _int_item(text: str) -> int:
     if not re.fullmatch(r"\d+", text):
         raise ValueError(text)
@@ -124,11 +140,14 @@ def _depth(text: str) -> float:
 
 
 def option(default: Any, help: str, parse: Callable[[str, Any], Any], *, name: str | None = None,
-           kind: type = str, tune_config: bool = True) -> Any:
+           kind: type = str, tune_config: bool = True, keyed_when_default: bool = True) -> Any:
     """A RunOptions field: `name` is its command-line and YAML name (default: the field's), `kind`
     the type typer reads from the command line, `parse` turns a CLI or YAML value into the field's
-    value (raising UsageError), `tune_config` whether tune's best config repeats it."""
-    meta = {"name": name, "help": help, "parse": parse, "kind": kind, "tune_config": tune_config}
+    value (raising UsageError), `tune_config` whether tune's best config repeats it.
+    `keyed_when_default=False` (options added after runs were written) leaves the option out of the
+    run's key while it has its default, so folders written before it existed still resume."""
+    meta = {"name": name, "help": help, "parse": parse, "kind": kind, "tune_config": tune_config,
+            "keyed_when_default": keyed_when_default}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -170,15 +189,35 @@ class RunOptions:
                                         _items(_depth, "numbers in [0, 1]"))
     samples_per_cell: int | None = option(None, "passkey: prompts per (length, depth)", _whole(1), kind=int)
     max_length: int | None = option(None, "LongBench: truncate prompts to this many tokens", _whole(1), kind=int)
+    text_file: str | None = option(None, "ppl: score this UTF-8 text file", _file, keyed_when_default=False)
+    ppl_chunk: int | None = option(None, "ppl: tokens fed through the cache at a time (default 512)", _whole(1),
+                                   kind=int, keyed_when_default=False)
+    protocols: list[str] = option(["query-aware"], "comma list: query-aware (the question is compressed with the "
+                                  "context) or query-agnostic (the context alone is)",
+                                  _items(_protocol, "query-aware or query-agnostic"), name="protocol",
+                                  tune_config=False, keyed_when_default=False)
+    shared_prefill: bool = option(True, "one forward pass of each prompt serves every configuration of the sweep "
+                                        "(--no-shared-prefill: a separate prefill per configuration)", _flag,
+                                  kind=bool, tune_config=False, keyed_when_default=False)
+    compile: bool = option(True, "replay decode steps from CUDA graphs on CUDA (--no-compile: eager)", _flag,
+                           kind=bool, tune_config=False, keyed_when_default=False)
+    prefill_chunk: int | None = option(None, "prompt tokens per prefill pass, 0 = the whole prompt at once "
+                                             "(default: 4096 on CUDA, 0 on CPU)", _whole(0), kind=int,
+                                       tune_config=False, keyed_when_default=False)
 
     def key(self) -> dict[str, Any]:
         """The options that decide the results (and so must match to resume)."""
-        return asdict(self)
+        return {f.name: value for f, value in zip(fields(self), asdict(self).values())
+                if f.metadata["keyed_when_default"] or value != _default(f)}
 
     def default_run_name(self) -> str:
         model = re.sub(r"[^A-Za-z0-9_.-]+", "_", (self.model or "smollm2-135m").rstrip("/").split("/")[-1])
         digest = hashlib.sha1(json.dumps(self.key(), sort_keys=True, default=str).encode()).hexdigest()[:8]
         return f"{self.suite}-{model}-{digest}"
+
+
+def _default(f: Any) -> Any:
+    return f.default_factory() if callable(getattr(f, "default_factory", None)) else f.default
 
 
 def _name(f: Any) -> str:
@@ -254,7 +293,7 @@ def command_parameters() -> list[inspect.Parameter]:
         if f.name == "method_options":
             default, annotation = typer.Option([], flag, help=f.metadata["help"]), list[str]
         else:
-            shown = f.default if not callable(getattr(f, "default_factory", None)) else f.default_factory()
+            shown = _default(f)
             help_text = f.metadata["help"] + ("" if shown is None or shown is False else f" (default: {_shown(shown)})")
             decls = [f"{flag}/--no-{name.replace('_', '-')}"] if f.metadata["kind"] is bool else [flag]
             default, annotation = typer.Option(None, *decls, help=help_text), Optional[f.metadata["kind"]]

@@ -19,7 +19,7 @@ from arkv_bench.results_io import atomic_write, csv_text, read_run_samples, read
 SUMMARY_COLUMNS = ["model", "suite", "task", "quant_type", "cache_size", "window_size", "n", "score", "score_ci95",
                    "prefill_tok_s", "decode_tok_s", "ttft_ms", "itl_ms_p50", "itl_ms_p99", "kv_bytes", "kv_bytes_full",
                    "kv_ratio", "peak_mem_bytes", "compressed_frac", "evicted_frac", "quantized_frac", "device", "dtype",
-                   "status", "host_bytes", "weights_bytes"]
+                   "status", "host_bytes", "weights_bytes", "protocol"]
 LAYER_COLUMNS = ["task", "quant_type", "cache_size", "layer", "oq_score", "oq_ratio", "original_frac",
                  "quantized_frac", "evicted_frac"]
 
@@ -59,6 +59,12 @@ class SampleRecord:
     weights_bytes: int | None = None
     layers: list[list[float | None]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    protocol: str = "query-aware"  # query-agnostic: the context was compressed before the question came
+    context_tokens: int | None = None  # query-agnostic: the prompt's first context_tokens tokens are its context
+    # query-agnostic: seconds to compress the context, on the record that paid it (0 where a previous prompt's
+    # compressed context was copied); also inside its prefill_s and ttft_ms
+    context_prefill_s: float | None = None
+    shared_prefill_s: float | None = None  # the part of prefill_s spent in the prompt's forward pass shared by the sweep
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,8 +101,8 @@ class SampleLog:
         """Whether the log file holds anything (also a line whose append was interrupted before it returned)."""
         return self.path.is_file() and self.path.stat().st_size > 0
 
-    def has(self, task: str, sample_id: str, method: str, size: Any) -> bool:
-        return (task, str(sample_id), method, "" if size is None else str(size)) in self.done
+    def has(self, task: str, sample_id: str, method: str, size: Any, protocol: str = "query-aware") -> bool:
+        return (task, str(sample_id), method, "" if size is None else str(size), protocol) in self.done
 
     def append(self, record: SampleRecord | dict[str, Any]) -> None:
         data = record.to_json() if isinstance(record, SampleRecord) else record
@@ -145,17 +151,34 @@ def _decode_rate(ok: list[dict[str, Any]]) -> float | None:
     return decode_tok_s(timed)
 
 
+def record_protocol(record: dict[str, Any]) -> str:
+    """A record's protocol; records written before protocols existed are query-aware."""
+    return str(record.get("protocol") or "query-aware")
+
+
+def _summary_score(suite: str, ok: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    """(score, score_ci95) as the suite defines them: a mean in percent unless it says otherwise."""
+    from arkv_bench.suites import suites
+
+    found = suites().get(suite)
+    if found is not None:
+        return found.summary_score(ok)
+    scored = [r["score"] for r in ok if r.get("score") is not None]
+    mean, half = mean_ci95(scored)
+    return (round(100 * mean, 4), round(100 * half, 4)) if scored else (None, None)
+
+
 def summarise(records: list[dict[str, Any]], info: dict[str, Any], window_size: int) -> list[dict[str, Any]]:
-    """One summary row per (suite, task, method, cache size)."""
+    """One summary row per (suite, task, method, cache size, protocol)."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
-        groups[(r["suite"], r["task"], r["quant_type"], "" if r["cache_size"] is None else r["cache_size"])].append(r)
+        groups[(r["suite"], r["task"], r["quant_type"], "" if r["cache_size"] is None else r["cache_size"],
+                record_protocol(r))].append(r)
     rows = []
-    for (suite, task, method, size), group in groups.items():
+    for (suite, task, method, size, protocol), group in groups.items():
         ok = [r for r in group if r["status"] == "ok"]
         heads = [r for r in ok if r.get("batch_row", 0) == 0]
-        scored = [r["score"] for r in ok if r.get("score") is not None]  # lm-eval corpus metrics have none
-        mean, half = mean_ci95(scored)
+        score, score_ci95 = _summary_score(suite, ok)
         itl = [t for r in heads for t in r.get("itl_ms") or []]
         prefill_s = sum(r["prefill_s"] for r in heads)
         kv, kv_full = mean_of([r["kv_bytes"] for r in ok]), mean_of([r["kv_bytes_full"] for r in ok])
@@ -164,7 +187,7 @@ def summarise(records: list[dict[str, Any]], info: dict[str, Any], window_size: 
         rows.append({
             "model": info["model"], "suite": suite, "task": task, "quant_type": method, "cache_size": size,
             "window_size": window_size, "n": len(ok),
-            "score": round(100 * mean, 4) if scored else None, "score_ci95": round(100 * half, 4) if scored else None,
+            "score": score, "score_ci95": score_ci95,
             "prefill_tok_s": sum(r["prompt_tokens"] for r in ok) / prefill_s if prefill_s else None,
             "decode_tok_s": _decode_rate(ok),
             "ttft_ms": mean_of([r["ttft_ms"] for r in ok if r.get("ttft_ms") is not None]),
@@ -177,7 +200,7 @@ def summarise(records: list[dict[str, Any]], info: dict[str, Any], window_size: 
             "device": info["device"], "dtype": info["dtype"],
             "status": "oom" if any(r["status"] == "oom" for r in group) else "ok",
             "host_bytes": mean_of([r.get("host_bytes", 0) for r in ok]),
-            "weights_bytes": max(weights) if weights else None,
+            "weights_bytes": max(weights) if weights else None, "protocol": protocol,
         })
     return rows
 

@@ -28,7 +28,7 @@ LAYER_STATS_FILE = "layer_stats.csv"
 
 # Columns that stay text; every other column of summary.csv / layer_stats.csv is numeric.
 TEXT_COLUMNS = frozenset(
-    {"model", "suite", "task", "quant_type", "device", "dtype", "status", "run_name"}
+    {"model", "suite", "task", "quant_type", "device", "dtype", "status", "run_name", "protocol"}
 )
 # Columns every summary.csv has had since the first release, and the numeric ones a reader relies on
 # (a later column that is not listed here is kept verbatim).
@@ -158,11 +158,12 @@ def read_jsonl(path: Path) -> JsonLines:
     return out
 
 
-def record_key(record: dict[str, Any]) -> tuple[str, str, str, str]:
-    """What identifies a sample record: (task, sample id, method, cache size)."""
+def record_key(record: dict[str, Any]) -> tuple[str, str, str, str, str]:
+    """What identifies a sample record: (task, sample id, method, cache size, protocol); records written
+    before protocols existed are query-aware."""
     size = record.get("cache_size")
     return (str(record.get("task")), str(record.get("sample_id")), str(record.get("quant_type")),
-            "" if size is None else str(size))
+            "" if size is None else str(size), str(record.get("protocol") or "query-aware"))
 
 
 def read_samples(path: Path) -> JsonLines:

@@ -9,12 +9,13 @@ of the same command carries on where it stopped. Every suite runs through the sa
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from arkv_bench.distributed import Ranks, barrier, init
 from arkv_bench.generation import Generation, greedy_generate
 from arkv_bench.measures import eos_ids, weights_bytes
 from arkv_bench.options import RunOptions, UsageError
+from arkv_bench.protocols import QUERY_AWARE
 from arkv_bench.results import SampleLog, provenance, write_summaries
 from arkv_bench.results_io import atomic_write, check_writable_folder, record_key, sample_files
 from arkv_bench.suites import Batch, Context, Suite, Task, get_suite
@@ -64,6 +66,9 @@ def validate(opts: RunOptions) -> Suite:
     if opts.device_map is not None and Ranks.from_env().world > 1:
         raise UsageError("--device-map auto spreads one model over all GPUs; it cannot be combined with several "
                          "data-parallel ranks (--gpus / torchrun): use one or the other")
+    if opts.protocols != ["query-aware"] and not suite.query_agnostic:
+        raise UsageError(f"--suite {suite.name} has no question to hold back from the compressed context, so "
+                         f"--protocol {','.join(opts.protocols)} does not apply: use --protocol query-aware")
     check_caches(opts)
     suite.check(opts)  # last: it may read the data
     return suite
@@ -110,7 +115,8 @@ def load_context(opts: RunOptions, ranks: Ranks = Ranks()) -> Context:
     model, tokenizer, info = load_model(opts.model, ranks.device(opts.device), opts.dtype, opts.trust_remote_code,
                                         attn_implementation="arkv", device_map=opts.device_map)
     info["weights_bytes"] = weights_bytes(model)
-    ctx = Context(model=model, tokenizer=tokenizer, opts=opts, info=info, eos=eos_ids(model, tokenizer))
+    ctx = Context(model=model, tokenizer=tokenizer, opts=opts, info=info, eos=eos_ids(model, tokenizer),
+                  protocol=opts.protocols[0])  # `run` sets each protocol in turn; `tune` uses the first
     check_caches(opts, model.config, prefix=f"{info['model']}: ")
     return ctx
 
@@ -129,7 +135,8 @@ def warm_up(ctx: Context, method: str, size: int | float | None) -> Generation:
     generator = torch.Generator().manual_seed(0)
     vocab = ctx.model.config.get_text_config().vocab_size
     ids = torch.randint(0, vocab, (1, n), generator=generator).to(ctx.model.device)
-    return greedy_generate(ctx.model, ids, torch.ones_like(ids), cache, WARMUP_NEW_TOKENS)
+    return greedy_generate(ctx.model, ids, torch.ones_like(ids), cache, WARMUP_NEW_TOKENS, compile=opts.compile,
+                           prefill_chunk=opts.prefill_chunk)
 
 
 # --- the run folder ------------------------------------------------------------------------------
@@ -183,7 +190,7 @@ def open_run(opts: RunOptions, out: Path, run_name: str | None, info: dict[str, 
     folder = check_run_folder(opts, out, run_name)
     # the documented keys (docs/results-format.md) on top; "options" is what a resume must match
     config = {"run_name": folder.name, "suite": opts.suite, "tasks": list(chats), "quant_types": opts.quant_types,
-              "cache_sizes": opts.cache_sizes, "window_size": opts.window_size,
+              "cache_sizes": opts.cache_sizes, "protocols": opts.protocols, "window_size": opts.window_size,
               "method_options": opts.method_options, "model": info["model"], "limit": opts.limit,
               "batch_size": opts.batch_size, "seed": opts.seed, "device": info["device"], "dtype": info["dtype"],
               "attn_implementation": "arkv (SDPA inside)", "weights_bytes": info.get("weights_bytes"),
@@ -203,19 +210,27 @@ def open_run(opts: RunOptions, out: Path, run_name: str | None, info: dict[str, 
 
 # --- the loop ------------------------------------------------------------------------------------
 
-def _records_of(log: SampleLog, suite: Suite, method: str, size: int | float | None) -> list[dict[str, Any]]:
+def _records_of(log: SampleLog, suite: Suite, method: str, size: int | float | None, protocol: str
+                ) -> list[dict[str, Any]]:
     key = "" if size is None else str(size)
-    return [r for r in log.records if r.get("suite") == suite.name and record_key(r)[2:] == (method, key)]
+    return [r for r in log.records if r.get("suite") == suite.name and record_key(r)[2:] == (method, key, protocol)]
+
+
+def protocol_contexts(ctx: Context) -> Iterator[Context]:
+    """The run's context once per protocol (--protocol), each a separate configuration."""
+    for protocol in ctx.opts.protocols:
+        yield replace(ctx, protocol=protocol, contexts={})
 
 
 def progress_counts(ctx: Context, suite: Suite, tasks: list[Task], log: SampleLog) -> tuple[int, int]:
     """(progress steps of the whole run, steps already in the log)."""
     total = pending = 0
     for task in tasks:
-        for method, size in configurations(ctx.opts):
-            total += suite.units(task)
-            pending += sum(b.units for b in suite.batches(ctx, task, method, size,
-                                                          _records_of(log, suite, method, size)))
+        for pctx in protocol_contexts(ctx):
+            for method, size in configurations(ctx.opts):
+                total += suite.units(task)
+                pending += sum(b.units for b in suite.batches(pctx, task, method, size,
+                                                              _records_of(log, suite, method, size, pctx.protocol)))
     return total, total - pending
 
 
@@ -272,13 +287,29 @@ def prepare(opts: RunOptions, out: Path, run_name: str | None, ranks: Ranks | No
                created=created if ranks.main else None, notes=[n for n in (log.note, *notes) if n], ranks=ranks)
 
 
-def work_items(run: Run) -> list[tuple[Task, str, int | float | None, Batch]]:
-    """Every (task, method, cache size, batch) not yet in the logs, in one fixed order (the same on every rank)."""
+WorkItem = tuple[Context, Task, str, "int | float | None", Batch]
+
+
+def work_items(run: Run) -> list[WorkItem]:
+    """Every (protocol's context, task, method, cache size, batch) not yet in the logs, in one fixed order
+    (the same on every rank)."""
     items = []
     for task in run.tasks:
-        for method, size in configurations(run.ctx.opts):
-            for batch in run.suite.batches(run.ctx, task, method, size, _records_of(run.log, run.suite, method, size)):
-                items.append((task, method, size, batch))
+        for pctx, (method, size) in itertools.product(protocol_contexts(run.ctx), configurations(run.ctx.opts)):
+            records = _records_of(run.log, run.suite, method, size, pctx.protocol)
+            items += [(pctx, task, method, size, batch) for batch in run.suite.batches(pctx, task, method, size, records)]
+    if run.ctx.opts.shared_prefill:  # query-aware batch by batch, so that one recorded prefix serves every configuration
+        task_at = {id(task): i for i, task in enumerate(run.tasks)}
+        sample_at = {id(s): i for task in run.tasks for i, s in enumerate(task.samples)}
+        config_at = {c: i for i, c in enumerate(configurations(run.ctx.opts))}
+
+        def order(item: WorkItem) -> tuple[bool, int, int, int]:
+            pctx, task, method, size, batch = item
+            first, config = sample_at.get(id(batch.samples[0]), 0) if batch.samples else 0, config_at[(method, size)]
+            aware = pctx.protocol == QUERY_AWARE
+            return not aware, task_at[id(task)], *((first, config) if aware else (config, first))
+
+        items.sort(key=order)
     return items
 
 
@@ -290,24 +321,29 @@ def execute(run: Run, progress: Callable[[str, int], None] | None = None) -> lis
     warmed: set[tuple[str, int | float | None]] = set()
     mine = ranks.share(work_items(run))
     counted = _records_written(run.folder)
-    for i, (task, method, size, batch) in enumerate(mine):
+    several = len(ctx.opts.protocols) > 1
+    for i, (pctx, task, method, size, batch) in enumerate(mine):
         if (method, size) not in warmed:
             warm_up(ctx, method, size)
             warmed.add((method, size))
         try:
-            records = suite.run(ctx, task, batch, method, size)
+            records = suite.run(pctx, task, batch, method, size)
         except (torch.OutOfMemoryError, MemoryError):  # the rest of this configuration is out of memory too
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
             rest = [item for item in mine[i:] if _config(item) == _config(mine[i])]
-            records = [r for (_, _, _, b) in rest for r in suite.oom(ctx, task, b, method, size)]
+            records = [r for (_, _, _, _, b) in rest for r in suite.oom(pctx, task, b, method, size)]
             mine[i + 1:] = [item for item in mine[i + 1:] if _config(item) != _config(mine[i])]
         for record in records:
             log.append(record)
         if progress:  # rank 0 of several counts every rank's records: the bar shows the whole run
             now = _records_written(run.folder) if ranks.world > 1 else counted + batch.units
-            progress(f"{method}@{size if size is not None else '-'} {task.name}", now - counted)
+            label = f"{method}@{size if size is not None else '-'} {task.name}" + (f" {pctx.protocol}" if several else "")
+            progress(label, now - counted)
             counted = now
-        if ranks.world == 1 and (i + 1 == len(mine) or _config(mine[i + 1]) != _config(mine[i])):
+        last = i + 1 == len(mine) or _config(mine[i + 1]) != _config(mine[i])
+        if last:
+            pctx.contexts.clear()  # compressed contexts are shared within one configuration only
+        if ranks.world == 1 and last:
             write_summaries(run.folder, ctx.info)
     barrier(ranks)  # every rank has finished its share
     if progress and ranks.world > 1:
@@ -315,8 +351,8 @@ def execute(run: Run, progress: Callable[[str, int], None] | None = None) -> lis
     return write_summaries(run.folder, ctx.info) if ranks.main else []
 
 
-def _config(item: tuple[Task, str, int | float | None, Batch]) -> tuple[str, str, str]:
-    return item[0].name, item[1], str(item[2])
+def _config(item: WorkItem) -> tuple[str, str, str, str]:
+    return item[0].protocol, item[1].name, item[2], str(item[3])
 
 
 def _records_written(folder: Path) -> int:

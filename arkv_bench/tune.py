@@ -37,6 +37,7 @@ from arkv_bench.cache import METHODS
 from arkv_bench.results_io import atomic_write, csv_text
 from arkv_bench.cache.arkv import PAPER
 from arkv_bench.options import RunOptions, UsageError, config_mapping
+from arkv_bench.suites import higher_is_better
 
 # log-uniform ranges; each holds the paper's value with room on both sides
 DEFAULT_RANGES: dict[str, tuple[float, float]] = {"tau1": (0.5, 50.0), "tau2": (0.5, 50.0), "tau3": (0.5, 50.0),
@@ -243,6 +244,8 @@ def run_tune(opts: TuneOptions, progress: Callable[[int, int, float | None], Non
     storage = opts.storage or f"sqlite:///{(folder / 'optuna.db').as_posix()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     direction = DIRECTIONS[opts.metric]
+    if opts.metric == "score" and not higher_is_better(opts.run.suite):  # a loss (ppl's perplexity)
+        direction = "minimize"
     study = open_study(opts, name, storage, direction, opts.run.seed or 0, key)
     csv_path = folder / "trials.csv"
     config_path = opts.config_out or folder / "best.yaml"

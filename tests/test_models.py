@@ -133,6 +133,7 @@ def test_reload_is_fast_and_info_is_filled(embedded_dir):
         "attn_implementation": "sdpa",
         "max_positions": 8192,
         "has_chat_template": True,
+        "devices": ["cpu"],
     }
     assert not model.training
     assert not any(p.requires_grad for p in model.parameters())

@@ -107,11 +107,12 @@ def test_embedded_model_on_hamlet():
 
     model, tok, _ = load_model(None, device="cpu", attn_implementation="arkv")
     prepare_model(model)
-    (sample,) = ppl.build(SPECS["hamlet"], RunOptions(max_length=384), tok, False, ppl_chunk=96)
+    (sample,) = ppl.build(SPECS["hamlet"], RunOptions(max_length=384, ppl_chunk=96), tok)
     assert sample.sample_id == "hamlet" and sample.extra["text_tokens"] == 384
     full = ppl.evaluate(model, tok, sample, make_cache("full", model.config))
     assert full["ppl_tokens"] == 383 and full["chunk_tokens"] == [95, 96, 96, 96]
     ids = ppl.input_ids(tok, sample, model)
     assert full["nll"] == pytest.approx(one_pass_nll(model, ids), abs=1e-4)
     window = ppl.evaluate(model, tok, sample, make_cache("window", model.config, cache_size=64, window_size=16))
-    assert window["ppl"] > full["ppl"] and window["compressed"] and window["kv_bytes"] < full["kv_bytes"] / 3
+    # the store holds the budget plus room for one 96-token chunk: (64 + 96) / 384 of the full cache, and a position each
+    assert window["ppl"] > full["ppl"] and window["compressed"] and window["kv_bytes"] < full["kv_bytes"] * 0.45

@@ -97,8 +97,8 @@ def test_verbatim_answers_score_one_and_missing_parts_less(samples):
         for s in made:
             context, _ = ruler.context_and_question(s)
             assert all(r in context for r in s.references), s.sample_id  # the answers are in the context
-            assert ruler.score(spec, s, " ".join(s.references)) == 1.0
-            assert ruler.score(spec, s, " ".join(s.references[1:])) == (len(s.references) - 1) / len(s.references)
+            assert ruler.SUITE.score(spec, s, " ".join(s.references)) == 1.0
+            assert ruler.SUITE.score(spec, s, " ".join(s.references[1:])) == (len(s.references) - 1) / len(s.references)
     assert [len(samples[n][0].references) for n in ("niah_single_1", "niah_multivalue", "vt", "cwe")] == [1, 4, 5, 10]
 
 
@@ -140,4 +140,4 @@ def test_embedded_model_finds_a_single_needle_with_the_full_cache(tokenizer):
     (s,) = ruler.build(spec, RunOptions(context_lengths=[1000], depths=[0.5], seed=1), tok, False)
     ids = torch.tensor([tok(s.prompt).input_ids])
     gen = greedy_generate(model, ids, torch.ones_like(ids), make_cache("full", model.config), 12, [tok.eos_token_id])
-    assert ruler.score(spec, s, tok.decode(gen.tokens[0], skip_special_tokens=True)) == 1.0
+    assert ruler.SUITE.score(spec, s, tok.decode(gen.tokens[0], skip_special_tokens=True)) == 1.0

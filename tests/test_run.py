@@ -34,7 +34,7 @@ MAX_NEW_TOKENS = 4
 SUMMARY_COLUMNS = ["model", "suite", "task", "quant_type", "cache_size", "window_size", "n", "score", "score_ci95",
                    "prefill_tok_s", "decode_tok_s", "ttft_ms", "itl_ms_p50", "itl_ms_p99", "kv_bytes",
                    "kv_bytes_full", "kv_ratio", "peak_mem_bytes", "compressed_frac", "evicted_frac",
-                   "quantized_frac", "device", "dtype", "status", "host_bytes", "weights_bytes"]
+                   "quantized_frac", "device", "dtype", "status", "host_bytes", "weights_bytes", "protocol"]
 SAMPLE_FIELDS = {"suite", "task", "sample_id", "quant_type", "cache_size", "window_size", "status", "prompt_tokens",
                  "prediction", "references", "score", "prefill_s", "ttft_ms", "itl_ms", "decode_tokens", "kv_bytes",
                  "kv_bytes_full", "compressed", "evicted_frac", "quantized_frac", "extra", "budget", "decode_steps",

@@ -58,8 +58,8 @@ class SampleDigest:
 
     # (suite, task) -> sample id -> records of that sample (all methods / cache sizes)
     browser: dict[tuple[Any, Any], dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
-    # (quant_type, cache_size) -> (depth, context_length) -> per-sample scores (0..1)
-    passkey: dict[tuple[Any, Any], dict[tuple[Any, Any], list[float]]] = field(default_factory=dict)
+    # (quant_type, cache_size, protocol) -> (depth, context_length) -> per-sample scores (0..1)
+    passkey: dict[tuple[Any, Any, str], dict[tuple[Any, Any], list[float]]] = field(default_factory=dict)
 
 
 def digest_samples(run: Run, per_task: int) -> SampleDigest:
@@ -72,8 +72,10 @@ def digest_samples(run: Run, per_task: int) -> SampleDigest:
             task_samples.setdefault(sample_id, []).append(record)
         extra = record.get("extra")
         score = record.get("score")
-        if isinstance(extra, dict) and "depth" in extra and "context_length" in extra:
-            cells = digest.passkey.setdefault((record.get("quant_type"), record.get("cache_size")), {})
+        if record.get("suite") == "passkey" and isinstance(extra, dict) and "depth" in extra \
+                and "context_length" in extra:
+            key = (record.get("quant_type"), record.get("cache_size"), str(record.get("protocol") or "query-aware"))
+            cells = digest.passkey.setdefault(key, {})
             scores = cells.setdefault((extra["depth"], extra["context_length"]), [])
             if isinstance(score, (int, float)) and not isinstance(score, bool):
                 scores.append(float(score))
@@ -96,9 +98,13 @@ def _groups(rows: Iterable[ComparisonRow]) -> dict[tuple[Any, ...], list[Compari
     return grouped
 
 
-def _series_label(row: ComparisonRow, several_runs: bool) -> str:
-    name = str(row.quant_type)
+def _series_label(row: ComparisonRow, several_runs: bool, several_protocols: bool = False) -> str:
+    name = str(row.quant_type) + (f" · {row.protocol}" if several_protocols else "")
     return f"{name} ({row.run})" if several_runs else name
+
+
+def _score_axis(row: ComparisonRow) -> str:
+    return "score" if row.higher_is_better else "score (a loss: lower is better)"
 
 
 def _group_caption(row: ComparisonRow) -> str:
@@ -116,10 +122,12 @@ def _pct_text(row: ComparisonRow, baseline: str) -> str:
 
 
 def score_vs_cache(comparison: Comparison, colors: dict[str | None, str]) -> list[Figure]:
-    """Score against cache size: one line per method, the full cache as a dashed line."""
+    """Score against cache size: one line per method and protocol (query-agnostic dashed), the full
+    cache as a horizontal line."""
     figures = []
     for rows in _groups(comparison.rows).values():
         several_runs = len({r.run for r in rows}) > 1
+        several_protocols = len({r.protocol for r in rows}) > 1
         methods = [r for r in rows if not r.is_baseline and _is_number(r.cache_size)]
         measured = [r for r in methods if r.score is not None]
         first = rows[0]
@@ -131,20 +139,22 @@ def score_vs_cache(comparison: Comparison, colors: dict[str | None, str]) -> lis
         position = {size: float(i) for i, size in enumerate(sizes)}
         series: dict[str, Series] = {}
         for row in sorted(measured, key=lambda r: cache_size_key(r.cache_size)):
-            label = _series_label(row, several_runs)
-            item = series.setdefault(label, Series(label, colors.get(row.quant_type, PALETTE[0])))
+            label = _series_label(row, several_runs, several_protocols)
+            item = series.setdefault(label, Series(label, colors.get(row.quant_type, PALETTE[0]),
+                                                   dashed=row.protocol != "query-aware"))
             score = float(row.score or 0.0)  # `measured` holds scored rows only
-            tip = f"{row.method}: {score:.1f} ({_pct_text(row, comparison.baseline)})"
+            where = f" · {row.protocol}" if several_protocols else ""
+            tip = f"{row.method}{where}: {score:.1f} ({_pct_text(row, comparison.baseline)})"
             item.points.append((position[row.cache_size], score, tip))
         hlines = [
-            HLine(float(r.score), _series_label(r, several_runs))
+            HLine(float(r.score), _series_label(r, several_runs, several_protocols))
             for r in rows
             if r.is_baseline and r.score is not None
         ]
         scores = [p[1] for s in series.values() for p in s.points] + [h.y for h in hlines]
         x = category_axis("cache size (tokens or fraction of prompt)",
                           [format_cache_size(s) for s in sizes])
-        y = numeric_axis("score", scores, include_zero=True)
+        y = numeric_axis(_score_axis(first), scores, include_zero=True)
         svg = xy_chart(title, list(series.values()), x, y, _unique_hlines(hlines))
         figures.append(Figure(title, _group_caption(first), svg=svg))
     return figures
@@ -165,11 +175,12 @@ def _byte_unit(peak: float) -> tuple[str, float]:
     return "bytes", 1.0
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Points not beaten by another with less (or equal) memory and a higher score."""
+def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = True) -> list[tuple[float, float]]:
+    """Points not beaten by another with less (or equal) memory and a better score."""
+    sign = 1.0 if higher_is_better else -1.0
     front: list[tuple[float, float]] = []
-    for memory, score in sorted(points, key=lambda p: (p[0], -p[1])):
-        if not front or score > front[-1][1]:
+    for memory, score in sorted(points, key=lambda p: (p[0], -sign * p[1])):
+        if not front or sign * score > sign * front[-1][1]:
             front.append((memory, score))
     return front
 
@@ -185,24 +196,27 @@ def score_vs_memory(comparison: Comparison, colors: dict[str | None, str]) -> li
             figures.append(Figure(title, _group_caption(first), missing="KV memory not measured"))
             continue
         several_runs = len({r.run for r in rows}) > 1
+        several_protocols = len({r.protocol for r in rows}) > 1
         unit, size = _byte_unit(max(float(r.kv_bytes or 0) for r in measured))
         series: dict[str, Series] = {}
         for row in measured:
-            label = _series_label(row, several_runs) + (" (full cache)" if row.is_baseline else "")
+            label = _series_label(row, several_runs, several_protocols) + (" (full cache)" if row.is_baseline else "")
+            agnostic = row.protocol != "query-aware"
             item = series.setdefault(
                 label,
                 Series(label, colors.get(row.quant_type, PALETTE[0]), line=False,
-                       marker="square" if row.is_baseline else "circle"),
+                       marker="square" if row.is_baseline else "diamond" if agnostic else "circle"),
             )
             memory = float(row.kv_bytes or 0) / size  # `measured` has score and kv_bytes
             score = float(row.score or 0.0)
-            tip = f"{row.method}: score {score:.1f}, KV {fmt_num(memory)} {unit}"
+            where = f" · {row.protocol}" if several_protocols else ""
+            tip = f"{row.method}{where}: score {score:.1f}, KV {fmt_num(memory)} {unit}"
             item.points.append((memory, score, tip))
         points = [(p[0], p[1]) for s in series.values() for p in s.points]
         front = Series("Pareto front", "#999999", dashed=True, marker="none",
-                       points=[(m, s, "") for m, s in pareto_front(points)])
+                       points=[(m, s, "") for m, s in pareto_front(points, first.higher_is_better)])
         x = numeric_axis(f"KV cache memory ({unit})", [p[0] for p in points], include_zero=True)
-        y = numeric_axis("score", [p[1] for p in points], include_zero=True)
+        y = numeric_axis(_score_axis(first), [p[1] for p in points], include_zero=True)
         svg = xy_chart(title, [front, *series.values()], x, y)
         figures.append(Figure(title, _group_caption(first), svg=svg))
     return figures
@@ -277,9 +291,10 @@ def passkey_heatmaps(run: Run, digest: SampleDigest, baseline: str) -> list[Figu
     """Retrieval accuracy by needle depth x context length, one map per method/budget."""
     figures = []
     model = run.config.get("model", "model not recorded")
-    keys = sorted(digest.passkey, key=lambda k: (k[0] != baseline, str(k[0]), cache_size_key(k[1])))
-    for quant_type, cache_size in keys:
-        cells = digest.passkey[(quant_type, cache_size)]
+    keys = sorted(digest.passkey, key=lambda k: (k[0] != baseline, str(k[0]), cache_size_key(k[1]), k[2]))
+    several_protocols = len({k[2] for k in keys}) > 1
+    for quant_type, cache_size, protocol in keys:
+        cells = digest.passkey[(quant_type, cache_size, protocol)]
         depths = sorted({d for d, _ in cells}, key=_sort_key)
         lengths = sorted({c for _, c in cells}, key=_sort_key)
         grid = []
@@ -293,6 +308,7 @@ def passkey_heatmaps(run: Run, digest: SampleDigest, baseline: str) -> list[Figu
                 line.append((mean, tip))
             grid.append(line)
         label = quant_type if quant_type == baseline else f"{quant_type}@{format_cache_size(cache_size)}"
+        label += f" · {protocol}" if several_protocols else ""
         title = f"passkey — {label}"
         svg = heatmap(title, [_axis_text(d) for d in depths], [_axis_text(c) for c in lengths],
                       grid, "context length (tokens)", "needle depth")

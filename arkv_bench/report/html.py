@@ -40,7 +40,7 @@ from arkv_bench.results_io import Run, atomic_write, check_writable_file, find_r
 
 SECTIONS = (
     ("comparison", "Comparison"),
-    ("score-vs-cache", "Score vs cache size"),
+    ("score-vs-cache", "Score vs cache size (a line per method and protocol)"),
     ("pareto", "Score vs KV memory"),
     ("speed", "Speed"),
     ("passkey-heatmap", "Passkey depth × length"),
@@ -144,7 +144,9 @@ def _sample(sample_id: str, records: list[dict[str, Any]]) -> dict[str, Any]:
     refs = records[0].get("references")
     return {"id": sample_id, "mean": f"mean score {sum(scores) / len(scores):.3g}" if scores else "no score",
             "references": None if refs is None else [str(ref) for ref in (refs if isinstance(refs, list) else [refs])],
-            "rows": [{"method": r.get("quant_type"), "cache": format_cache_size(r.get("cache_size")),
+            "rows": [{"method": str(r.get("quant_type")) + (f" · {r['protocol']}" if r.get("protocol") not in
+                                                                (None, "query-aware") else ""),
+                      "cache": format_cache_size(r.get("cache_size")),
                       "status": r.get("status", "—"), "score": _score_text(r.get("score")),
                       "prediction": str(r.get("prediction", ""))} for r in records]}
 

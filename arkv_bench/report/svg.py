@@ -107,7 +107,7 @@ class Series:
     points: list[tuple[float, float, str]] = field(default_factory=list)
     line: bool = True
     dashed: bool = False
-    marker: str = "circle"  # "circle" or "square"
+    marker: str = "circle"  # "circle", "square" or "diamond"
 
 
 @dataclass
@@ -137,6 +137,9 @@ def _marker(kind: str, x: float, y: float, color: str, tip: str) -> str:
             f'<rect x="{x - 5:.1f}" y="{y - 5:.1f}" width="10" height="10" fill="{color}" '
             f'stroke="#fff">{tooltip}</rect>'
         )
+    if kind == "diamond":
+        return (f'<polygon points="{x:.1f},{y - 6:.1f} {x + 6:.1f},{y:.1f} {x:.1f},{y + 6:.1f} {x - 6:.1f},{y:.1f}" '
+                f'fill="{color}" stroke="#fff">{tooltip}</polygon>')
     return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{color}" stroke="#fff">{tooltip}</circle>'
 
 

@@ -11,7 +11,8 @@ import pkgutil
 from arkv_bench.options import UsageError
 from arkv_bench.suites.base import Batch, Context, DataError, PromptSuite, Sample, Suite, Task
 
-__all__ = ["Batch", "Context", "DataError", "PromptSuite", "Sample", "Suite", "Task", "get_suite", "suites"]
+__all__ = ["Batch", "Context", "DataError", "PromptSuite", "Sample", "Suite", "Task", "get_suite", "higher_is_better",
+           "suites"]
 
 _REGISTRY: dict[str, Suite] = {}
 
@@ -24,6 +25,12 @@ def suites() -> dict[str, Suite]:
             if isinstance(suite, Suite):
                 _REGISTRY[suite.name] = suite
     return _REGISTRY
+
+
+def higher_is_better(name: str | None) -> bool:
+    """Whether a higher score is better for the suite called `name` (unknown names: yes)."""
+    found = suites().get(str(name))
+    return True if found is None else found.higher_is_better
 
 
 def get_suite(name: str) -> Suite:

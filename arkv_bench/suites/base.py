@@ -9,13 +9,19 @@ subclass; the registry (arkv_bench/suites/__init__.py) finds it by that name. Th
     suite.batches(ctx, task, method, size, records)  the work not yet among the configuration's records
     suite.run(ctx, task, batch, method, size) -> [SampleRecord]
 
+`ctx.protocol` says how a prompt meets the cache (arkv_bench/protocols.py): query-aware prefills it
+whole; query-agnostic compresses its context alone, so every prompt suite declares where its question
+begins (`Sample.question`, the text the prompt ends with).
+
 `PromptSuite` is the base of the suites declared in tasks/<suite>.yaml: a subclass says how a
 task's rows become prompts (`build`) and, where the metric is not a named one, how to score.
 """
 
 from __future__ import annotations
 
+import copy
 import fnmatch
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,10 +33,12 @@ from arkv_bench.budgets import budget_for, cache_options
 from arkv_bench.cache import make_cache
 from arkv_bench.generation import Generation, clock, extend, greedy_generate, left_pad, prefill
 from arkv_bench.measures import PeakMemory, row_decode
+from arkv_bench.metrics import gsm8k_score, longbench_sample_score, mean_ci95, passkey_score
 from arkv_bench.models import model_devices
-from arkv_bench.metrics import gsm8k_score, longbench_sample_score, passkey_score
 from arkv_bench.options import RunOptions, UsageError
+from arkv_bench.protocols import QUERY_AGNOSTIC, QUERY_AWARE, compress_context, generate_after_context, question_token
 from arkv_bench.results import SampleRecord, evicted_quantized, layer_vector
+from arkv_bench.shared_prefill import generate_from, needs_accumulated, record_prefix, shares_prefill
 from arkv_bench.tasks import TaskSpec, load_task_specs
 
 # With a chat template the prompt ends "Answer:" + the template's closing tokens; the last few tokens
@@ -58,6 +66,8 @@ class Sample:
     tail: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     ids: list[int] | None = None  # the prompt's token ids (template included), set once by the suite's plan
+    question: str = ""  # the end of `prompt` that is the question (and answer prefix); what precedes it is context
+    context_tokens: int | None = None  # ids[:context_tokens] is the context (set by plan for query-agnostic runs)
 
 
 @dataclass
@@ -69,6 +79,11 @@ class Context:
     opts: RunOptions
     info: dict[str, Any]
     eos: list[int]
+    protocol: str = QUERY_AWARE  # the runner sets each of opts.protocols in turn
+    # query-agnostic: the last compressed context, {key: (cache, mask)}, reused by the next question on it
+    contexts: dict[tuple, tuple[Any, torch.Tensor]] = field(default_factory=dict)
+    # shared prefill: the last batch's recorded prefix, {key: PrefixRecord}, reused by every configuration
+    prefixes: dict[tuple, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -94,6 +109,16 @@ class Suite(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    higher_is_better: ClassVar[bool] = True  # False where the score is a loss (perplexity)
+    query_agnostic: ClassVar[bool] = False  # whether its prompts declare a question to hold back (--protocol)
+
+    def summary_score(self, records: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+        """summary.csv's (score, score_ci95) of one configuration's ok records: the mean in percent."""
+        scored = [r["score"] for r in records if r.get("score") is not None]  # lm-eval corpus metrics have none
+        if not scored:
+            return None, None
+        mean, half = mean_ci95(scored)
+        return round(100 * mean, 4), round(100 * half, 4)
 
     @abstractmethod
     def task_names(self) -> list[str]:
@@ -126,7 +151,7 @@ class Suite(ABC):
         """The records of a batch that ran out of memory."""
         return [SampleRecord(suite=self.name, task=task.name, sample_id=s.sample_id, quant_type=method,
                              cache_size=size, window_size=ctx.opts.window_size, status="oom",
-                             references=s.references) for s in batch.samples]
+                             references=s.references, protocol=ctx.protocol) for s in batch.samples]
 
 
 def limited(rows: list[Any], limit: int | None) -> list[Any]:
@@ -139,6 +164,7 @@ class PromptSuite(Suite):
     """Prompts built from a task's rows, answered by generation or by log-likelihood of choices."""
 
     extra_files: ClassVar[tuple[str, ...]] = ()  # more tasks/*.yaml files whose tasks belong to this suite
+    query_agnostic = True
 
     def load(self, spec: TaskSpec, opts: RunOptions) -> None:
         """Read and check the task's data before the model loads (suites that read data override this)."""
@@ -199,6 +225,9 @@ class PromptSuite(Suite):
                                 f"({type(e).__name__}: {e}); fix the file to have the dataset's fields") from e
             for sample in samples:
                 sample.ids = encode(ctx.tokenizer, sample.prompt + sample.tail, chat)
+                if QUERY_AGNOSTIC in ctx.opts.protocols:
+                    sample.context_tokens = question_token(ctx.tokenizer, chat, sample.prompt + sample.tail,
+                                                           sample.question)
             tasks.append(Task(name=spec.name, chat=chat, samples=samples, spec=spec))
         check_lengths(ctx, tasks)
         return tasks
@@ -207,12 +236,16 @@ class PromptSuite(Suite):
                 records: list[dict[str, Any]]) -> list[Batch]:
         done = {str(r.get("sample_id")) for r in records if r.get("task") == task.name}
         todo = [s for s in task.samples if s.sample_id not in done]
-        # a fraction gives each prompt its own budget, and a choice is scored one prompt at a time
-        step = 1 if (isinstance(size, float) or (todo and todo[0].choices)) else ctx.opts.batch_size
+        # a fraction gives each prompt its own budget, a choice is scored one prompt at a time, and a
+        # query-agnostic prompt runs alone (its context may be shared with the next one)
+        alone = isinstance(size, float) or (todo and todo[0].choices) or ctx.protocol == QUERY_AGNOSTIC
+        step = 1 if alone else ctx.opts.batch_size
         return [Batch(samples=todo[i:i + step], units=len(todo[i:i + step])) for i in range(0, len(todo), step)]
 
     def run(self, ctx: Context, task: Task, batch: Batch, method: str, size: int | float | None
             ) -> list[SampleRecord]:
+        if ctx.protocol == QUERY_AGNOSTIC:
+            return self.run_after_context(ctx, task, batch.samples[0], method, size)
         tok, opts, samples = ctx.tokenizer, ctx.opts, batch.samples
         encoded = [s.ids or encode(tok, s.prompt + s.tail, task.chat) for s in samples]
         budget = budget_for(size, len(encoded[0]), method, opts.window_size, opts.method_options)
@@ -225,10 +258,20 @@ class PromptSuite(Suite):
             predictions = [answer]
         else:
             input_ids, mask = left_pad(encoded, tok.pad_token_id or 0, ctx.model.device)
-            gen = greedy_generate(ctx.model, input_ids, mask, cache, samples[0].max_new_tokens, ctx.eos,
-                                  _stopper(tok, task.spec.stop))
+            stop = _stopper(tok, task.spec.stop)
+            if opts.shared_prefill and shares_prefill(method):
+                record = _prefix(ctx, task, samples, input_ids, mask)
+                gen = generate_from(ctx.model, record, cache, samples[0].max_new_tokens, ctx.eos, stop, opts.compile)
+            else:
+                gen = greedy_generate(ctx.model, input_ids, mask, cache, samples[0].max_new_tokens, ctx.eos, stop,
+                                      opts.compile, opts.prefill_chunk)
             predictions = [_cut_at_stop(tok.decode(t, skip_special_tokens=True), task.spec.stop) for t in gen.tokens]
-        peak = memory.read()
+        return self.records(ctx, task, samples, encoded, predictions, gen, method, size, budget, memory.read())
+
+    def records(self, ctx: Context, task: Task, samples: list[Sample], encoded: list[list[int]],
+                predictions: list[str], gen: Generation, method: str, size: int | float | None, budget: int | None,
+                peak: int | None, **shared: Any) -> list[SampleRecord]:
+        """One batch's records; `shared` holds the query-agnostic fields (context_id, context_prefill_s)."""
         per_layer = [layer_vector(layer) for layer in gen.stats.get("layers", [])]
         evicted, quantized = evicted_quantized(per_layer)
         rows = len(samples)
@@ -237,7 +280,7 @@ class PromptSuite(Suite):
             steps, decode_s = row_decode(gen.itl_s, gen.generated[i] if gen.generated else 0)
             records.append(SampleRecord(
                 suite=self.name, task=task.name, sample_id=sample.sample_id, quant_type=method, cache_size=size,
-                window_size=opts.window_size, budget=budget, prompt_tokens=len(ids), prediction=prediction,
+                window_size=ctx.opts.window_size, budget=budget, prompt_tokens=len(ids), prediction=prediction,
                 references=sample.references, score=self.score(task.spec, sample, prediction),
                 prefill_s=gen.prefill_s, ttft_ms=gen.ttft_s * 1000,
                 itl_ms=[t * 1000 for t in gen.itl_s] if i == 0 else [], decode_tokens=len(gen.tokens[i]),
@@ -245,8 +288,39 @@ class PromptSuite(Suite):
                 kv_bytes=gen.kv_bytes / rows, kv_bytes_full=gen.kv_bytes_full / rows, host_bytes=gen.host_bytes / rows,
                 compressed=bool(gen.stats.get("compressed")), evicted_frac=evicted, quantized_frac=quantized,
                 peak_mem_bytes=peak, weights_bytes=ctx.info.get("weights_bytes"), layers=per_layer,
-                extra={k: v for k, v in sample.extra.items() if k != "all_classes"}))
+                extra={k: v for k, v in sample.extra.items() if k != "all_classes"}, protocol=ctx.protocol,
+                shared_prefill_s=gen.shared_prefill_s or None,
+                **shared))
         return records
+
+    def run_after_context(self, ctx: Context, task: Task, sample: Sample, method: str, size: int | float | None
+                          ) -> list[SampleRecord]:
+        """Query-agnostic, one prompt: its context compressed alone (or the same context's cache, compressed
+        for the previous prompt, copied), then its question through that cache."""
+        opts, ids, n = ctx.opts, sample.ids or [], sample.context_tokens or 0
+        budget = budget_for(size, len(ids), method, opts.window_size, opts.method_options)
+        key = (method, size, budget, json.dumps(opts.method_options, sort_keys=True, default=str), tuple(ids[:n]))
+        memory = PeakMemory(model_devices(ctx.model))
+        context_s = 0.0
+        if key not in ctx.contexts:
+            ctx.contexts.clear()  # one compressed context is kept: prompts that share one come one after another
+            cache = make_cache(method, ctx.model.config,
+                               **cache_options(method, budget, opts.window_size, opts.method_options))
+            mask, context_s = compress_context(ctx.model, ids[:n], cache, reserve=len(ids) - n + sample.max_new_tokens)
+            ctx.contexts[key] = (cache, mask)
+        compressed, mask = ctx.contexts[key]
+        cache = copy.deepcopy(compressed)
+        if sample.choices:
+            answer, gen = choose(ctx, ids, len(ids) - n, sample.choices, cache, mask)
+            prediction = answer
+        else:
+            gen = generate_after_context(ctx.model, ids[n:], mask, cache, sample.max_new_tokens, ctx.eos,
+                                         _stopper(ctx.tokenizer, task.spec.stop))
+            prediction = _cut_at_stop(ctx.tokenizer.decode(gen.tokens[0], skip_special_tokens=True), task.spec.stop)
+        gen.prefill_s += context_s
+        gen.ttft_s += context_s
+        return self.records(ctx, task, [sample], [ids], [prediction], gen, method, size, budget, memory.read(),
+                            context_tokens=n, context_prefill_s=context_s)
 
 
 def check_lengths(ctx: Context, tasks: list[Task]) -> None:
@@ -291,6 +365,19 @@ def encode(tokenizer: Any, text: str, chat: bool) -> list[int]:
     return tokenizer(text).input_ids
 
 
+def _prefix(ctx: Context, task: Task, samples: list[Sample], input_ids: torch.Tensor, mask: torch.Tensor) -> Any:
+    """The batch's prompt prefix, run through the model once for every configuration of the sweep that can
+    start from it (the runner orders the work batch by batch); only the last batch's is kept."""
+    key = (task.name, tuple(s.sample_id for s in samples))
+    if key not in ctx.prefixes:
+        ctx.prefixes.clear()
+        opts = ctx.opts
+        ctx.prefixes[key] = record_prefix(ctx.model, input_ids, mask, tail=opts.window_size,
+                                          prefill_chunk=opts.prefill_chunk,
+                                          accumulate=needs_accumulated(m for m in opts.quant_types if shares_prefill(m)))
+    return ctx.prefixes[key]
+
+
 def _stopper(tokenizer: Any, stops: tuple[str, ...]) -> Callable[[list[int]], bool] | None:
     if not stops:
         return None
@@ -304,13 +391,16 @@ def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
     return text
 
 
-def choose(ctx: Context, ids: list[int], n_tail: int, choices: list[str], cache: Any) -> tuple[str, Generation]:
-    """Log-likelihood choice: prefill all but the tail through the cache, feed the tail, compare choices."""
+def choose(ctx: Context, ids: list[int], n_tail: int, choices: list[str], cache: Any,
+           mask: torch.Tensor | None = None) -> tuple[str, Generation]:
+    """Log-likelihood choice: prefill all but the tail through the cache, feed the tail, compare choices.
+    With `mask` the cache already holds the head (a query-agnostic context): only the tail is fed."""
     device = ctx.model.device
     head, tail = ids[:-n_tail], ids[-n_tail:]
-    input_ids, mask = left_pad([head], 0, device)
     t0 = clock(device)
-    prefill(ctx.model, input_ids, mask, cache)
+    if mask is None:
+        input_ids, mask = left_pad([head], 0, device)
+        prefill(ctx.model, input_ids, mask, cache)
     logits, _ = extend(ctx.model, torch.tensor([tail], device=device), mask, cache)
     elapsed = clock(device) - t0
     first = [ctx.tokenizer(c, add_special_tokens=False).input_ids[0] for c in choices]

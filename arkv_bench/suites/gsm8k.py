@@ -32,5 +32,6 @@ def build(spec: TaskSpec, num_fewshot: int | None, limit: int | None, data_dir: 
     sep, target = spec.extra.get("fewshot_delimiter", "\n\n"), spec.extra.get("target_delimiter", " ")
     context = "".join(spec.prompt_template.format(**s) + target + s["answer"] + sep for s in shots[:k])
     return [Sample(sample_id=str(i), prompt=context + spec.prompt_template.format(**row),
-                   references=[row["answer"]], max_new_tokens=spec.max_new_tokens,
+                   question=spec.prompt_template.format(**row), references=[row["answer"]],
+                   max_new_tokens=spec.max_new_tokens,
                    extra={"gold": gsm8k_extract(row["answer"])}) for i, row in enumerate(rows)]

@@ -42,10 +42,17 @@ ROW = {"input": TEXT, "context": TEXT, "answers": TEXTS, "length": optional(WHOL
 def build(spec: TaskSpec, limit: int | None, data_dir: str | None) -> list[Sample]:
     rows = limited(load_rows(spec, spec.split, data_dir, ROW), limit)
     return [Sample(sample_id=str(row.get("_id", i)), prompt=spec.prompt_template.format(**row),
-                   references=list(row["answers"]), max_new_tokens=spec.max_new_tokens,
+                   question=question(spec.prompt_template, row), references=list(row["answers"]),
+                   max_new_tokens=spec.max_new_tokens,
                    extra={"all_classes": row.get("all_classes"), "length": row.get("length"),
                           "bucket": longbench_bucket(row["length"]) if row.get("length") is not None else None})
             for i, row in enumerate(rows)]
+
+
+def question(template: str, row: dict[str, Any]) -> str:
+    """The template's text after the context, filled in: the question part of a prompt (kept whole by
+    truncate_middle's last half unless it is longer than half the length)."""
+    return template.split("{context}", 1)[-1].format(**row) if "{context}" in template else ""
 
 
 def truncate_middle(tokenizer: Any, text: str, max_length: int) -> str:

@@ -45,6 +45,7 @@ def build(spec: TaskSpec, num_fewshot: int | None, limit: int | None, data_dir: 
         if not full.endswith(TAIL):
             raise ValueError(f"mmlu prompt_template must end with {TAIL!r}")
         samples.append(Sample(sample_id=str(i), prompt=full[:-len(TAIL)], tail=TAIL,
+                              question=_question(spec, row)[:-len(TAIL)],
                               references=[letters[row["answer"]]], max_new_tokens=0,
                               choices=[target + letter for letter in letters]))
     return samples

