@@ -304,7 +304,7 @@ class PromptSuite(Suite):
         context_s = 0.0
         if key not in ctx.contexts:
             ctx.contexts.clear()  # one compressed context is kept: prompts that share one come one after another
-            cache = make_cache(method, ctx.model.config,
+            cache = make_cache(method, ctx.model.config, attention_kernel=opts.attention_kernel,
                                **cache_options(method, budget, opts.window_size, opts.method_options))
             mask, context_s = compress_context(ctx.model, ids[:n], cache, reserve=len(ids) - n + sample.max_new_tokens)
             ctx.contexts[key] = (cache, mask)
