@@ -25,9 +25,11 @@ import transformers
 from rich.table import Table
 
 from arkv_bench.cache import METHODS, make_cache, prepare_model
+from arkv_bench.cache.kernels import resolve_backend
 from arkv_bench.compare import BENCH_SUITE, bench_task, ratio
 from arkv_bench.generation import greedy_generate
 from arkv_bench.models import load_model, resolve_device, resolve_dtype
+from arkv_bench.options import ATTENTION_KERNELS
 from arkv_bench.results import SUMMARY_COLUMNS, evicted_quantized, layer_vector, provenance
 from arkv_bench.results_io import atomic_write, csv_text
 from arkv_bench.runner import UsageError
@@ -76,6 +78,7 @@ class BenchOptions:
     prefill_chunk: int | None = None  # None: the generation API's default
     find_max_batch: bool = False
     seed: int = 0
+    attention_kernel: str = "auto"  # the slot stores' decode attention (options.ATTENTION_KERNELS)
 
     def default_run_name(self) -> str:
         name = self.random_arch or (self.model or "smollm2-135m").rstrip("/").split("/")[-1]
@@ -138,6 +141,12 @@ def check(opts: BenchOptions) -> list[str]:
         raise UsageError("give --model or --random-arch, not both")
     if opts.random_arch is not None and opts.random_arch not in RANDOM_ARCHS:
         raise UsageError(f"unknown --random-arch {opts.random_arch!r}; choose one of {', '.join(RANDOM_ARCHS)}")
+    if opts.attention_kernel not in ATTENTION_KERNELS:
+        raise UsageError(f"--attention-kernel must be one of {', '.join(ATTENTION_KERNELS)}, got {opts.attention_kernel!r}")
+    try:  # "triton" where it cannot run
+        resolve_backend(opts.attention_kernel, torch.device(resolve_device(opts.device)))
+    except ValueError as e:
+        raise UsageError(f"--attention-kernel: {e}") from None
     if opts.new_tokens < 2:
         raise UsageError(f"--new-tokens must be at least 2 (the first token comes from prefill), got {opts.new_tokens}")
     if opts.prefill_chunk is not None and opts.prefill_chunk < 0:
@@ -241,6 +250,14 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 1
     return 2 * nbytes * repeats / seconds
 
 
+def kernel_used(model: torch.nn.Module, opts: BenchOptions) -> str:
+    """What --attention-kernel resolves to for a decode step of this model (FP8 slots, one query)."""
+    text = model.config.get_text_config()
+    heads, kv_heads = text.num_attention_heads, text.num_key_value_heads or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return resolve_backend(opts.attention_kernel, model.device, model.dtype, heads // kv_heads, head_dim, 8)
+
+
 def generation_options(opts: BenchOptions, device: torch.device) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """(keywords for greedy_generate, what was used, notes): `compile` and `prefill_chunk` are passed only
     where this version of the generation API accepts them."""
@@ -320,7 +337,7 @@ class Bench:
         return row
 
     def _generate(self, name: str, options: dict[str, Any], ids: torch.Tensor) -> Any:
-        cache = make_cache(name, self.model.config, **options)
+        cache = make_cache(name, self.model.config, attention_kernel=self.opts.attention_kernel, **options)
         return greedy_generate(self.model, ids, torch.ones_like(ids), cache, self.opts.new_tokens,
                                **self.generate_kwargs)
 
@@ -458,6 +475,7 @@ def run_bench(model: torch.nn.Module, info: dict[str, Any], opts: BenchOptions, 
               "new_tokens": opts.new_tokens, "seed": opts.seed, "device": info["device"], "dtype": info["dtype"],
               "attn_implementation": "arkv (SDPA inside)", "compile": used["compile"],
               "prefill_chunk": used["prefill_chunk"], "find_max_batch": opts.find_max_batch,
+              "attention_kernel": opts.attention_kernel, "attention_kernel_used": kernel_used(model, opts),
               "hbm_copy_bytes_per_s": bandwidth, "weights_bytes": weights, "weights_read_bytes_per_step": weights_read,
               "notes": notes, "options": asdict(opts), "provenance": provenance(info)}
     folder.mkdir(parents=True, exist_ok=True)

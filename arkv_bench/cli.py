@@ -24,6 +24,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from arkv_bench.options import ATTENTION_KERNEL_HELP
+
 console = Console(stderr=True)
 out = Console()
 # What the error boundary needs to know: --debug, and the run folder results are being written to.
@@ -409,6 +411,7 @@ def bench_command(
                                                            "(default: the API's)"),
     find_max_batch: bool = typer.Option(False, help="also each method's largest batch per context (CUDA only)"),
     seed: int = typer.Option(0, help="seeds the random weights and prompts"),
+    attention_kernel: str = typer.Option("auto", help=ATTENTION_KERNEL_HELP),
     out_dir: Path = typer.Option(Path("results"), "--out", help="results folder"),
     run_name: Optional[str] = typer.Option(None, help="subfolder name (default: derived from the options)"),
 ) -> None:
@@ -423,7 +426,8 @@ def bench_command(
             methods=split_list(quant_type), batch_sizes=bench.int_list(batch_size, "--batch-size"),
             context_lengths=bench.int_list(context_lengths, "--context-lengths"), cache_size=cache_size,
             window_size=window_size, new_tokens=new_tokens, model=model, random_arch=random_arch, device=device,
-            dtype=dtype, compile=compile_step, prefill_chunk=prefill_chunk, find_max_batch=find_max_batch, seed=seed)
+            dtype=dtype, compile=compile_step, prefill_chunk=prefill_chunk, find_max_batch=find_max_batch, seed=seed,
+            attention_kernel=attention_kernel)
         notes = bench.check(opts)
         folder = bench.results_folder(opts, out_dir, run_name)
         bench_model, info = bench.load_bench_model(opts)

@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 CHAT_CHOICES = ("auto", "on", "off")
+ATTENTION_KERNELS = ("auto", "triton", "torch")
+ATTENTION_KERNEL_HELP = ("decode attention over the slot stores: auto (the Triton kernel on CUDA where it applies, "
+                         "reading FP8 slots as stored), triton, or torch (the reference path)")
 # query-aware: the prompt with its question is prefilled and compressed (the ARKV paper's protocol);
 # query-agnostic: the context alone is compressed, the question comes after (arkv_bench/protocols.py)
 PROTOCOLS = ("query-aware", "query-agnostic")
@@ -174,6 +177,7 @@ class RunOptions:
     device_map: str | None = option(None, "auto: spread the model's layers over every visible GPU (accelerate), "
                                           "for a model larger than one card", _choice(("auto",)), tune_config=False)
     chat_template: str = option("auto", "auto (the task decides), on or off", _choice(CHAT_CHOICES))
+    attention_kernel: str = option("auto", ATTENTION_KERNEL_HELP, _choice(ATTENTION_KERNELS))
     trust_remote_code: bool = option(False, "allow the model's own code from the Hub", _flag, kind=bool,
                                      tune_config=False)
     data_dir: str | None = option(None, "folder of local data files in the Hub schema (lm-eval: task YAMLs)",

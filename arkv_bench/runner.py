@@ -130,7 +130,7 @@ def warm_up(ctx: Context, method: str, size: int | float | None) -> Generation:
         else WARMUP_TOKENS
     n = min(target, (ctx.info.get("max_positions") or target + WARMUP_NEW_TOKENS) - WARMUP_NEW_TOKENS)
     budget = budgets.budget_for(size, n, method, opts.window_size, opts.method_options)
-    cache = make_cache(method, ctx.model.config,
+    cache = make_cache(method, ctx.model.config, attention_kernel=opts.attention_kernel,
                        **budgets.cache_options(method, budget, opts.window_size, opts.method_options))
     generator = torch.Generator().manual_seed(0)
     vocab = ctx.model.config.get_text_config().vocab_size

@@ -109,7 +109,10 @@ def main() -> None:
     parser.add_argument("--residual", type=int, default=128)
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--skip-today", action="store_true", help="do not time today's path (dequantize, then SDPA)")
     parser.add_argument("--sweep", action="store_true", help="also time other block sizes, warps, stages and waves")
+    parser.add_argument("--tiles", default="64/1/3/1,64/1/3/0,32/1/3/1,32/1/3/0",
+                        help="--sweep: slots a tile / warps / pipeline stages / transposed (0 or 1), comma-separated")
     parser.add_argument("--json", default=None, help="append every row to this JSON-lines file")
     args = parser.parse_args()
     scaling = D ** -0.5
@@ -136,7 +139,8 @@ def main() -> None:
             except Exception as e:  # one format's failure must not hide the others' figures
                 print(f"b{batch} {fmt}: FAILED {type(e).__name__}: {str(e)[:2000]}", flush=True)
         if args.sweep:
-            sweep(batch, made, q, start, scaling, args.iters, report)
+            tiles = [tuple(int(x) for x in t.split("/")) for t in args.tiles.split(",")]
+            sweep(batch, made, q, start, scaling, args.iters, report, tiles)
         del keys, values, made
         torch.cuda.empty_cache()
 
@@ -154,33 +158,32 @@ def measure_format(fmt, segments, q, start, scaling, args, batch, report) -> Non
         eager, graph = timed(fn, args.iters)
         report({"batch": batch, "what": f"kernel {fmt}{' + weights' if weights else ''}",
                 "bytes": segment_bytes(segments), "eager_us": eager, "graph_us": graph})
-    if fmt != "bf16":
+    if fmt != "bf16" and not args.skip_today:
         eager, graph = timed(lambda: today(segments)(q), args.iters)
         report({"batch": batch, "what": f"today: dequantize {fmt} + SDPA", "bytes": segment_bytes(segments),
                 "eager_us": eager, "graph_us": graph})
 
 
-def sweep(batch, made, q, start, scaling, iters, report) -> None:
-    """Launch settings of the segment kernel (module constants), on the FP8 and int4 stores; splits
-    as small as the waves ask (no MIN_SPLIT_SLOTS floor)."""
-    names = ("BLOCK_N", "BLOCK_N_INT", "WAVES", "MIN_SPLIT_SLOTS", "NUM_WARPS", "NUM_STAGES")
-    saved = {name: getattr(triton_decode, name) for name in names}
-    for block_n, warps, stages in ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 3)):
-        for waves in (1, 2, 4, 8):
-            for name, value in zip(names, (block_n, block_n, waves, 0, warps, stages)):
-                setattr(triton_decode, name, value)
-            for fmt in ("fp8", "kivi4"):
+def sweep(batch, made, q, start, scaling, iters, report, tiles) -> None:
+    """Launch settings of the segment kernel (module constants) on the FP8 and int4 stores: each tile
+    setting (slots, warps, stages) for the format, under two split plans."""
+    saved = dict(triton_decode.TILES), triton_decode.WAVES, triton_decode.MIN_SPLIT_SLOTS
+    for fmt, key in (("fp8", "fp8"), ("kivi4", "int")):
+        for tile in tiles:
+            for waves, min_split in ((16, 512), (32, 256)):
+                triton_decode.TILES[key] = (*tile[:3], bool(tile[3]))
+                triton_decode.WAVES, triton_decode.MIN_SPLIT_SLOTS = waves, min_split
                 fn = lambda: decode_attention(q, made[fmt], start, scaling, backend="triton")
                 try:
                     eager, graph = timed(fn, iters)
                 except Exception as e:  # a setting the compiler refuses (e.g. out of shared memory)
-                    print(f"sweep {block_n}/{warps}/{stages}/{waves} {fmt}: {type(e).__name__}", file=sys.stderr)
+                    print(f"sweep {tile} {waves} {fmt}: {type(e).__name__}", file=sys.stderr)
                     continue
-                report({"batch": batch, "what": f"sweep {fmt} n{block_n} w{warps} s{stages} waves{waves}",
+                block_n, warps, stages, transposed = tile
+                report({"batch": batch, "what": f"sweep {fmt} n{block_n} w{warps} s{stages} t{transposed} waves{waves} min{min_split}",
                         "bytes": segment_bytes(made[fmt]), "eager_us": eager, "graph_us": graph})
-    for name, value in saved.items():
-        setattr(triton_decode, name, value)
-
+    triton_decode.TILES.update(saved[0])
+    triton_decode.WAVES, triton_decode.MIN_SPLIT_SLOTS = saved[1], saved[2]
 
 if __name__ == "__main__":
     main()

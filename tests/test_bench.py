@@ -90,6 +90,7 @@ def test_config_records_what_was_used(folder: Path) -> None:
     assert config["suite"] == "bench" and config["compile"] is False  # CPU: eager unless asked
     assert isinstance(config["prefill_chunk"], int) or config["prefill_chunk"] is None
     assert config["batch_sizes"] == list(BATCHES) and config["context_lengths"] == [CONTEXT]
+    assert config["attention_kernel"] == "auto" and config["attention_kernel_used"] == "torch"  # on the CPU
     assert {"git_commit", "torch", "transformers", "device_name"} <= set(config["provenance"])
     if "full-static" not in METHODS:
         assert any("full-static" in note for note in config["notes"])
@@ -129,6 +130,8 @@ def test_another_runs_folder_is_refused(folder: Path) -> None:
     (["--context-lengths", "5000"], "tiny-llama takes 4096 positions"),
     (["--model", "smollm2-135m"], "not both"),
     (["--find-max-batch"], "--find-max-batch needs --device cuda"),
+    (["--attention-kernel", "cuda"], "--attention-kernel must be one of auto, triton, torch"),
+    (["--attention-kernel", "triton"], "the triton kernel runs on CUDA"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(change: list[str], words: str, tmp_path: Path) -> None:
     result = bench(*ARGS, *change, "--out", str(tmp_path / "out"))

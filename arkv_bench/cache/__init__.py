@@ -18,6 +18,7 @@ from arkv_bench.cache.akv import AKVCache
 from arkv_bench.cache.arkv import ArkvCache, OriginCache
 from arkv_bench.cache.attention import ATTN_NAME, prepare_model
 from arkv_bench.cache.base import BenchCache
+from arkv_bench.options import ATTENTION_KERNELS
 from arkv_bench.cache.full import FullCache, FullStaticCache
 from arkv_bench.cache.h2o import H2OCache
 from arkv_bench.cache.kivi import KiviCache
@@ -39,8 +40,11 @@ def method_options(name: str) -> dict[str, Any]:
     return dict(_method(name).defaults)
 
 
-def make_cache(name: str, config: PretrainedConfig, **options: Any) -> BenchCache:
-    """Build the cache of method `name` for a model with this config."""
+def make_cache(name: str, config: PretrainedConfig, attention_kernel: str = "auto", **options: Any) -> BenchCache:
+    """Build the cache of method `name` for a model with this config; `attention_kernel` picks the slot
+    stores' decode attention (auto: the Triton kernel on CUDA where it applies; triton; torch)."""
+    if attention_kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel must be one of {', '.join(ATTENTION_KERNELS)}, got {attention_kernel!r}")
     cls = _method(name)
     unknown = sorted(set(options) - set(cls.defaults))
     if unknown:
@@ -51,7 +55,7 @@ def make_cache(name: str, config: PretrainedConfig, **options: Any) -> BenchCach
     other = sorted({t for t in (getattr(text, "layer_types", None) or []) if t != "full_attention"})
     if other:
         raise ValueError(f"layer types {other} are not supported: arkv-bench caches full-attention layers only")
-    return cls(num_layers=text.num_hidden_layers, **opts)
+    return cls(num_layers=text.num_hidden_layers, attention_kernel=attention_kernel, **opts)
 
 
 def _method(name: str) -> type[BenchCache]:

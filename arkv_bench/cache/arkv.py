@@ -97,7 +97,10 @@ class ArkvLayer(HeadBudgets, SlotLayer):
         if self.quantizing:
             self.held_o = self.window_size + self.origin_range[1] if self.evicting else self.held_o + q
 
-    def after_decode(self, query: torch.Tensor, probs: torch.Tensor) -> None:
+    def needs_probs(self) -> bool:
+        return self.evicting  # scores only when it evicts
+
+    def after_decode(self, query: torch.Tensor, probs: torch.Tensor | None) -> None:
         if not self.evicting:
             return
         score = self.decode_score(probs)

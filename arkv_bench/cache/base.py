@@ -272,12 +272,17 @@ class BenchCache(Cache):
     defaults: dict[str, Any] = {"cache_size": None, "window_size": 32}
     choices: dict[str, tuple] = {}
 
-    def __init__(self, num_layers: int, **options: Any):
+    def __init__(self, num_layers: int, attention_kernel: str = "auto", **options: Any):
         self.num_layers, self.options = num_layers, {**self.defaults, **options}
+        self.attention_kernel = attention_kernel  # the slot stores' decode attention: auto, triton or torch
         super().__init__(layers=self._new_layers())
 
     def _new_layers(self) -> list[CacheLayerMixin]:
-        return [self.layer_class(layer_idx=i, **self.options) for i in range(self.num_layers)]
+        layers = [self.layer_class(layer_idx=i, **self.options) for i in range(self.num_layers)]
+        for layer in layers:
+            if hasattr(layer, "attention_kernel"):
+                layer.attention_kernel = self.attention_kernel
+        return layers
 
     def reset(self) -> None:
         """Forget every token (a fresh cache with the same options)."""

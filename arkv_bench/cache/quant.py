@@ -65,7 +65,10 @@ class FP8Layer(SlotLayer):
         self.seen += q
         self.held = min(self.held + q, self.window_size)
 
-    def after_decode(self, query: torch.Tensor, probs: torch.Tensor) -> None:
+    def needs_probs(self) -> bool:
+        return False  # nothing is scored
+
+    def after_decode(self, query: torch.Tensor, probs: torch.Tensor | None) -> None:
         if not self.n_moving:
             return
         b, h = self.pos.shape[:2]

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from arkv_bench.cache.base import TokenLayer, tensor_bytes
+from arkv_bench.cache.kernels import decode_attention, fp8, original, resolve_backend
 from arkv_bench.cache.quantize import FP8_DTYPE, fp8_quantize
 from arkv_bench.cache.scoring import heavy_hitter_score
 
@@ -172,6 +173,7 @@ class SlotLayer(TokenLayer):
     is_compileable = True
     has_quantized = False  # the method keeps an FP8 Quantized store
     decode_evicts = True  # the method evicts while decoding when over `cache_size`
+    attention_kernel = "auto"  # decode attention over the slots: auto, triton or torch (set by the cache)
 
     def __init__(self, layer_idx: int, cache_size: int | None = None, window_size: int = 32, slack: int = 0, **_: Any):
         super().__init__(layer_idx, cache_size, window_size, slack)
@@ -316,9 +318,35 @@ class SlotLayer(TokenLayer):
             return super().attend(module, query, key, value, attention_mask, **kwargs)
         self._awaiting_attention = False
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        out, probs = fused(type(self).slot_attention, self, query, scaling)
+        if self.kernel_backend(query) == "triton":
+            out, probs = self.kernel_attention(query, scaling)
+        else:
+            out, probs = fused(type(self).slot_attention, self, query, scaling)
         fused(type(self).after_decode, self, query, probs)
         return out, None
+
+    def kernel_backend(self, query: torch.Tensor) -> str:
+        """"triton" or "torch": what `attention_kernel` resolves to for this query over these slots."""
+        b, hq, q, d = query.shape
+        return resolve_backend(self.attention_kernel, query.device, query.dtype, hq // self.keys.shape[1] * q, d,
+                               16 if self.pos_q is None else 8)
+
+    def kernel_attention(self, query: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`slot_attention` through the Triton kernel, which reads the Quantized slots as FP8 codes (no
+        dequantized copy): the output [B, q, Hq, D] and, when the method reads them this forward
+        (`needs_probs`), the probabilities [B, Hq, q, N], Original slots then Quantized (else None)."""
+        segments = [original(self.keys, self.values, self.pos)]
+        if self.pos_q is not None:
+            segments.append(fp8(self.kq, self.k_scale, self.vq, self.v_scale, self.pos_q))
+        q = query.shape[2]
+        q_pos = None if q == 1 else self.seen_t - q + torch.arange(q, device=query.device, dtype=torch.int32)
+        out, probs = decode_attention(query, segments, self.start, scaling, q_pos, return_weights=self.needs_probs(),
+                                      backend="triton", per_row=True)
+        return out.transpose(1, 2), probs
+
+    def needs_probs(self) -> bool:
+        """Method hook: whether `after_decode` reads this decode forward's probabilities (known on the host)."""
+        return True
 
     def after_attention(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         """Dense phase: accumulate what the method needs from this chunk; after the last one, select."""

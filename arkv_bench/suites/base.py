@@ -249,7 +249,7 @@ class PromptSuite(Suite):
         tok, opts, samples = ctx.tokenizer, ctx.opts, batch.samples
         encoded = [s.ids or encode(tok, s.prompt + s.tail, task.chat) for s in samples]
         budget = budget_for(size, len(encoded[0]), method, opts.window_size, opts.method_options)
-        cache = make_cache(method, ctx.model.config,
+        cache = make_cache(method, ctx.model.config, attention_kernel=opts.attention_kernel,
                            **cache_options(method, budget, opts.window_size, opts.method_options))
         memory = PeakMemory(model_devices(ctx.model))
         if samples[0].choices:
@@ -304,7 +304,7 @@ class PromptSuite(Suite):
         context_s = 0.0
         if key not in ctx.contexts:
             ctx.contexts.clear()  # one compressed context is kept: prompts that share one come one after another
-            cache = make_cache(method, ctx.model.config,
+            cache = make_cache(method, ctx.model.config, attention_kernel=opts.attention_kernel,
                                **cache_options(method, budget, opts.window_size, opts.method_options))
             mask, context_s = compress_context(ctx.model, ids[:n], cache, reserve=len(ids) - n + sample.max_new_tokens)
             ctx.contexts[key] = (cache, mask)

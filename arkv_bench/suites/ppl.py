@@ -234,7 +234,7 @@ class PerplexitySuite(PromptSuite):
         for sample in batch.samples:
             n = int(input_ids(ctx.tokenizer, sample, ctx.model).shape[1])
             budget = budget_for(size, n, method, opts.window_size, opts.method_options)
-            cache = make_cache(method, ctx.model.config,
+            cache = make_cache(method, ctx.model.config, attention_kernel=opts.attention_kernel,
                                **cache_options(method, budget, opts.window_size, opts.method_options))
             result = evaluate(ctx.model, ctx.tokenizer, sample, cache)
             per_layer = [layer_vector(layer) for layer in cache.stats().get("layers", [])]

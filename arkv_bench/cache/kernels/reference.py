@@ -22,10 +22,11 @@ def allowed_slots(pos: torch.Tensor, start: torch.Tensor, query_pos: torch.Tenso
 
 
 def reference_attention(query: torch.Tensor, segments: list[Segment], start: torch.Tensor, scaling: float,
-                        query_pos: torch.Tensor | None = None, return_weights: bool = False
-                        ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+                        query_pos: torch.Tensor | None = None, return_weights: bool = False, per_row: bool = False
+                        ) -> tuple[torch.Tensor, list[torch.Tensor] | torch.Tensor | None]:
     """Output [B, Hq, T, D] in the query's dtype; with `return_weights`, each segment's attention
-    weights [B, Hkv, C] averaged over the T queries and the query heads of each KV group."""
+    weights [B, Hkv, C] averaged over the T queries and the query heads of each KV group, or with
+    `per_row` every query's probabilities [B, Hq, T, N] over all segments' slots, in order."""
     b, hq, t, d = query.shape
     hkv = segments[0].pos.shape[1]
     keys = torch.cat([s.keys.dequantize(query.dtype) for s in segments], dim=2).float()
@@ -40,5 +41,7 @@ def reference_attention(query: torch.Tensor, segments: list[Segment], start: tor
     out = torch.matmul(probs.view(b, hkv, hq // hkv * t, -1), values).view(b, hq, t, d).to(query.dtype)
     if not return_weights:
         return out, None
+    if per_row:
+        return out, probs.view(b, hq, t, -1)
     mean = probs.mean(dim=(2, 3))
     return out, list(mean.split([s.slots for s in segments], dim=-1))
