@@ -177,7 +177,8 @@ class RunOptions:
     device_map: str | None = option(None, "auto: spread the model's layers over every visible GPU (accelerate), "
                                           "for a model larger than one card", _choice(("auto",)), tune_config=False)
     chat_template: str = option("auto", "auto (the task decides), on or off", _choice(CHAT_CHOICES))
-    attention_kernel: str = option("auto", ATTENTION_KERNEL_HELP, _choice(ATTENTION_KERNELS))
+    attention_kernel: str = option("auto", ATTENTION_KERNEL_HELP, _choice(ATTENTION_KERNELS), tune_config=False,
+                                   keyed_when_default=False)
     trust_remote_code: bool = option(False, "allow the model's own code from the Hub", _flag, kind=bool,
                                      tune_config=False)
     data_dir: str | None = option(None, "folder of local data files in the Hub schema (lm-eval: task YAMLs)",
