@@ -175,7 +175,8 @@ class RunOptions:
     device: str = option("auto", "auto, cpu or cuda", _text, tune_config=False)
     dtype: str = option("auto", "auto, bfloat16, float16 or float32", _text)
     device_map: str | None = option(None, "auto: spread the model's layers over every visible GPU (accelerate), "
-                                          "for a model larger than one card", _choice(("auto",)), tune_config=False)
+                                          "for a model larger than one card", _choice(("auto",)), tune_config=False,
+                                  keyed_when_default=False)
     chat_template: str = option("auto", "auto (the task decides), on or off", _choice(CHAT_CHOICES))
     attention_kernel: str = option("auto", ATTENTION_KERNEL_HELP, _choice(ATTENTION_KERNELS), tune_config=False,
                                    keyed_when_default=False)
