@@ -305,7 +305,8 @@ def test_ppl_end_to_end_offline_and_resume(tmp_path):
     assert [(r["task"], r["quant_type"]) for r in records] == [("hamlet", "full"), ("hamlet", "window")]
     full, window = records
     assert full["extra"]["chunk_tokens"] == [39, 40, 40, 40] and full["prompt_tokens"] == 160
-    assert abs(window["score"] - full["score"]) > 1e-3 and window["kv_bytes"] < full["kv_bytes"] / 2
+    # the window's store: its budget plus room for one 40-token chunk, of the 160 tokens the full cache holds
+    assert abs(window["score"] - full["score"]) > 1e-3 and window["kv_bytes"] < full["kv_bytes"] * 0.7
     _, rows = read_summary(folder)
     assert [float(r["score"]) for r in rows] == pytest.approx([full["score"], window["score"]], abs=1e-3)
     (folder / "samples.jsonl").write_text(json.dumps(full) + "\n")
