@@ -32,7 +32,7 @@ from arkv_bench.models import load_model, resolve_device, resolve_dtype
 from arkv_bench.options import ATTENTION_KERNELS
 from arkv_bench.results import SUMMARY_COLUMNS, evicted_quantized, layer_vector, provenance
 from arkv_bench.results_io import atomic_write, csv_text
-from arkv_bench.runner import UsageError
+from arkv_bench.runner import UsageError, folder_inside
 
 # Exact shapes of real models (random weights: speed and memory do not depend on the values), and a
 # tiny one for CPU tests.
@@ -428,10 +428,8 @@ def summary_row(row: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
 def results_folder(opts: BenchOptions, out: Path, run_name: str | None) -> Path:
     """The folder to write; a folder holding another run's results is a UsageError (nothing written).
     The same bench options measure again into their own folder."""
-    folder = out / (run_name or opts.default_run_name())
+    folder = folder_inside(out, run_name or opts.default_run_name())
     config_path = folder / "config.json"
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"{folder} is a file, not a results folder: choose another --out or --run-name")
     if config_path.exists():
         try:
             previous = json.loads(config_path.read_text())

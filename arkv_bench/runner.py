@@ -152,18 +152,24 @@ def _lock(folder: Path) -> FileLock:
     return lock
 
 
-def check_run_folder(opts: RunOptions, out: Path, run_name: str | None, probe_lock: bool = True) -> Path:
-    """The run folder; raises UsageError (writing nothing) if it is outside --out, not writable, in use, or
-    holds another run's results."""
-    name = run_name if run_name is not None else opts.default_run_name()
+def folder_inside(out: Path, name: str) -> Path:
+    """`out`/`name` for a results folder: `name` one safe folder name, `out` a writable folder, the result not a
+    file (UsageError otherwise, nothing written)."""
     if not _RUN_NAME.fullmatch(name) or name in (".", ".."):
         raise UsageError(f"--run-name {name!r} must be one folder name (letters, digits, '.', '_', '-', not "
                          f"starting with '.' or '-'); the run folder is always made inside --out")
     check_writable_folder(out, "--out")
     folder = out / name
-    config_path = folder / "config.json"
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{folder} is a file, not a results folder: choose another --out or --run-name")
+    return folder
+
+
+def check_run_folder(opts: RunOptions, out: Path, run_name: str | None, probe_lock: bool = True) -> Path:
+    """The run folder; raises UsageError (writing nothing) if it is outside --out, not writable, in use, or
+    holds another run's results."""
+    folder = folder_inside(out, run_name if run_name is not None else opts.default_run_name())
+    config_path = folder / "config.json"
     if config_path.exists():
         try:
             previous = json.loads(config_path.read_text())
