@@ -412,7 +412,7 @@ def test_typed_method_options_reach_the_cache() -> None:
 
 # --- every figure defined once (issue 11) -------------------------------------------------------------
 
-TIMINGS = {"prefill_s", "ttft_ms", "itl_ms", "decode_s", "peak_mem_bytes"}
+TIMINGS = {"prefill_s", "ttft_ms", "itl_ms", "decode_s", "peak_mem_bytes", "shared_prefill_s", "context_prefill_s"}
 
 
 def _tiny_ctx(**options):
