@@ -209,17 +209,22 @@ def test_triton_kernel_under_the_cpu_interpreter():
     assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
 
 
+def assert_triton_matches_reference(q: torch.Tensor, segments: list) -> None:
+    """The kernel's output within the formats' bound of the reference, its weights at least as close to exact."""
+    ref_out, ref_w = decode_attention(q, segments, START, D ** -0.5, return_weights=True, backend="torch")
+    out, w = decode_attention(q.to(DEVICE), on(DEVICE, segments), START.to(DEVICE), D ** -0.5,
+                              return_weights=True, backend="triton")
+    torch.testing.assert_close(out.cpu().float(), ref_out.float(), **OUT_TOL)
+    assert_weights_close(w, ref_w, exact(q, segments, START, D ** -0.5)[1])
+
+
 @needs_triton
 @pytest.mark.parametrize("kind", FORMATS)
 def test_triton_matches_reference_per_format(kind: str):
     """Each format alone and behind an Original segment (KIVI's residual, AKV's hot tier), several splits."""
     segments, n = layer((kind, "original"), (136, 24))
     q = query(1)
-    ref_out, ref_w = decode_attention(q, segments, START, D ** -0.5, return_weights=True, backend="torch")
-    out, w = decode_attention(q.to(DEVICE), on(DEVICE, segments), START.to(DEVICE), D ** -0.5,
-                              return_weights=True, backend="triton")
-    torch.testing.assert_close(out.cpu().float(), ref_out.float(), **OUT_TOL)
-    assert_weights_close(w, ref_w, exact(q, segments, START, D ** -0.5)[1])
+    assert_triton_matches_reference(q, segments)
 
 
 @needs_triton
@@ -247,11 +252,7 @@ def test_triton_key_groups_longer_than_a_tile():
     k = Codes(pack(codes.view(B, HKV, 256, D), 4), scale.squeeze(3), zero.squeeze(3), bits=4)
     segments = [Segment(k, Codes(*quantize_tokens(values, 4, 8), bits=4), positions(256, 0, 3))]
     q = query(1)
-    ref_out, ref_w = decode_attention(q, segments, START, D ** -0.5, return_weights=True, backend="torch")
-    out, w = decode_attention(q.to(DEVICE), on(DEVICE, segments), START.to(DEVICE), D ** -0.5,
-                              return_weights=True, backend="triton")
-    torch.testing.assert_close(out.cpu().float(), ref_out.float(), **OUT_TOL)
-    assert_weights_close(w, ref_w, exact(q, segments, START, D ** -0.5)[1])
+    assert_triton_matches_reference(q, segments)
 
 
 @needs_triton
