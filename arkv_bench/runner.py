@@ -4,7 +4,7 @@ Everything the user asked for is checked before anything is written. Each finish
 is appended to samples.jsonl at once; summary.csv and layer_stats.csv are rebuilt from it
 after every configuration, so a killed run loses at most the batch in flight and a rerun
 of the same command carries on where it stopped. Every suite runs through the same loop
-(arkv_bench.suites.base.Suite), with the same warm-up before each configuration.
+(arkv_bench.suites.base.Suite), with the same warm-up before each configuration (on a CPU, once).
 """
 
 from __future__ import annotations
@@ -304,7 +304,7 @@ def work_items(run: Run) -> list[WorkItem]:
         for pctx, (method, size) in itertools.product(protocol_contexts(run.ctx), configurations(run.ctx.opts)):
             records = _records_of(run.log, run.suite, method, size, pctx.protocol)
             items += [(pctx, task, method, size, batch) for batch in run.suite.batches(pctx, task, method, size, records)]
-    if run.ctx.opts.shared_prefill:  # query-aware batch by batch, so that one recorded prefix serves every configuration
+    if run.ctx.opts.shared_prefill:  # query-aware batch by batch, so that one recorded prompt serves every configuration
         task_at = {id(task): i for i, task in enumerate(run.tasks)}
         sample_at = {id(s): i for task in run.tasks for i, s in enumerate(task.samples)}
         config_at = {c: i for i, c in enumerate(configurations(run.ctx.opts))}
@@ -324,14 +324,17 @@ def execute(run: Run, progress: Callable[[str, int], None] | None = None) -> lis
     them); return the summary rows (rank 0, once every rank is done; other ranks: none)."""
     ctx, suite, log, ranks = run.ctx, run.suite, run.log, run.ranks
     prepare_model(ctx.model)
-    warmed: set[tuple[str, int | float | None]] = set()
+    warmed: set[tuple] = set()
+    # On a GPU, graphs and compiled steps specialise on each method and store capacity; on a CPU nothing is
+    # compiled, and one warm-up (allocator, thread pool, the model's kernels) serves every configuration.
+    on_gpu = ctx.model.device.type == "cuda"
     mine = ranks.share(work_items(run))
     counted = _records_written(run.folder)
     several = len(ctx.opts.protocols) > 1
     for i, (pctx, task, method, size, batch) in enumerate(mine):
-        if (method, size) not in warmed:
+        if (key := (method, size) if on_gpu else ()) not in warmed:
             warm_up(ctx, method, size)
-            warmed.add((method, size))
+            warmed.add(key)
         try:
             records = suite.run(pctx, task, batch, method, size)
         except (torch.OutOfMemoryError, MemoryError):  # the rest of this configuration is out of memory too

@@ -75,6 +75,6 @@ def attention_probs(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tenso
     b, hq, q, d = query.shape
     hkv, n = key.shape[1], key.shape[2]
     grouped = query.reshape(b, hkv, (hq // hkv) * q, d).float()
-    logits = torch.matmul(grouped, key.float().transpose(-1, -2)).view(b, hkv, hq // hkv, q, n) * scaling
-    logits = logits.masked_fill(~allowed.unsqueeze(2), float("-inf"))
-    return torch.softmax(logits, dim=-1).nan_to_num(0.0).view(b, hq, q, n)
+    logits = torch.matmul(grouped, key.float().transpose(-1, -2)).view(b, hkv, hq // hkv, q, n).mul_(scaling)
+    logits.masked_fill_(~allowed.unsqueeze(2), float("-inf"))
+    return torch.softmax(logits, dim=-1).nan_to_num_(0.0).view(b, hq, q, n)

@@ -178,14 +178,15 @@ class TokenLayer(CacheLayerMixin):
 
     def probs(self, query: torch.Tensor, key: torch.Tensor, scaling: float, first: int = 0, last: int | None = None
               ) -> torch.Tensor:
-        """Attention weights [B, Hq, q, N] of queries first..last of this forward over the held keys."""
+        """Attention weights [B, Hq, q, N] of queries first..last of this forward over the held keys
+        (or the first N of them, when `key` is a prefix of the held keys)."""
         n_queries = query.shape[2]
         last = n_queries if last is None else last
         if self._allowed is not None:
             allowed = self._allowed[:, :, first:last]
         else:
             allowed = self.allowed(self.view_positions(), n_queries, first, last)
-        return attention_probs(query[:, :, first:last], key, allowed, scaling)
+        return attention_probs(query[:, :, first:last], key, allowed[..., :key.shape[2]], scaling)
 
     def attend(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:

@@ -15,7 +15,9 @@ import torch
 from arkv_bench.cache.base import BenchCache
 from arkv_bench.cache.store import SlotLayer, empty_like_slots, take_or_empty
 
-PROBS_ELEMENTS = 1 << 27  # prefill attention weights scored at once (float32: 512 MiB), whatever the batch
+# Prefill attention weights scored at once (float32), whatever the batch: large launches on a GPU,
+# cache-sized blocks on a CPU (8x faster there than one large block).
+PROBS_ELEMENTS = {"cuda": 1 << 27, "cpu": 1 << 21}
 
 
 class H2OLayer(SlotLayer):
@@ -30,14 +32,16 @@ class H2OLayer(SlotLayer):
         n = key.shape[2]
         fresh = torch.zeros(b, key.shape[1], n_q, dtype=torch.float32, device=key.device)
         self.acc = fresh if self.acc is None else torch.cat([self.acc, fresh], dim=2)
-        step = max(1, PROBS_ELEMENTS // (b * hq * n))
+        step = max(1, PROBS_ELEMENTS.get(key.device.type, PROBS_ELEMENTS["cuda"]) // (b * hq * n))
         for first in range(0, n_q, step):
-            self.add(self.probs(query, key, scaling, first, min(first + step, n_q)))
+            last = min(first + step, n_q)
+            seen = n - n_q + last  # prefill is dense: key i is column i, and no query of the block sees past `seen`
+            self.add(self.probs(query, key[:, :, :seen], scaling, first, last))
 
     def add(self, a: torch.Tensor) -> None:
-        """acc += the attention a [B, Hq, q, N], summed over queries and averaged over each KV group."""
+        """acc[..., :N] += the attention a [B, Hq, q, N], summed over queries and averaged over each KV group."""
         b, hq, _, n = a.shape
-        self.acc += a.sum(dim=2).view(b, self.acc.shape[1], -1, n).mean(dim=2)
+        self.acc[..., :n] += a.sum(dim=2).view(b, self.acc.shape[1], -1, n).mean(dim=2)
 
     def end_prefill(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         keep = self.keep_best(self.acc, self.pos) if self.over_budget() else self.live(self.pos)

@@ -38,7 +38,7 @@ from arkv_bench.models import model_devices
 from arkv_bench.options import RunOptions, UsageError
 from arkv_bench.protocols import QUERY_AGNOSTIC, QUERY_AWARE, compress_context, generate_after_context, question_token
 from arkv_bench.results import SampleRecord, evicted_quantized, layer_vector
-from arkv_bench.shared_prefill import generate_from, needs_accumulated, record_prefix, shares_prefill
+from arkv_bench.shared_prefill import generate_from, needs_accumulated, record_prompt, shares_prefill
 from arkv_bench.tasks import TaskSpec, load_task_specs
 
 # With a chat template the prompt ends "Answer:" + the template's closing tokens; the last few tokens
@@ -82,8 +82,8 @@ class Context:
     protocol: str = QUERY_AWARE  # the runner sets each of opts.protocols in turn
     # query-agnostic: the last compressed context, {key: (cache, mask)}, reused by the next question on it
     contexts: dict[tuple, tuple[Any, torch.Tensor]] = field(default_factory=dict)
-    # shared prefill: the last batch's recorded prefix, {key: PrefixRecord}, reused by every configuration
-    prefixes: dict[tuple, Any] = field(default_factory=dict)
+    # shared prefill: the last batch's recorded prompt, {key: PromptRecord}, reused by every configuration
+    records: dict[tuple, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -260,7 +260,7 @@ class PromptSuite(Suite):
             input_ids, mask = left_pad(encoded, tok.pad_token_id or 0, ctx.model.device)
             stop = _stopper(tok, task.spec.stop)
             if opts.shared_prefill and shares_prefill(method):
-                record = _prefix(ctx, task, samples, input_ids, mask)
+                record = _record(ctx, task, samples, input_ids, mask)
                 gen = generate_from(ctx.model, record, cache, samples[0].max_new_tokens, ctx.eos, stop, opts.compile)
             else:
                 gen = greedy_generate(ctx.model, input_ids, mask, cache, samples[0].max_new_tokens, ctx.eos, stop,
@@ -365,17 +365,17 @@ def encode(tokenizer: Any, text: str, chat: bool) -> list[int]:
     return tokenizer(text).input_ids
 
 
-def _prefix(ctx: Context, task: Task, samples: list[Sample], input_ids: torch.Tensor, mask: torch.Tensor) -> Any:
-    """The batch's prompt prefix, run through the model once for every configuration of the sweep that can
-    start from it (the runner orders the work batch by batch); only the last batch's is kept."""
+def _record(ctx: Context, task: Task, samples: list[Sample], input_ids: torch.Tensor, mask: torch.Tensor) -> Any:
+    """The batch's prompt, run through the model once for every configuration of the sweep that can start
+    from it (the runner orders the work batch by batch); only the last batch's is kept."""
     key = (task.name, tuple(s.sample_id for s in samples))
-    if key not in ctx.prefixes:
-        ctx.prefixes.clear()
+    if key not in ctx.records:
+        ctx.records.clear()
         opts = ctx.opts
-        ctx.prefixes[key] = record_prefix(ctx.model, input_ids, mask, tail=opts.window_size,
-                                          prefill_chunk=opts.prefill_chunk,
-                                          accumulate=needs_accumulated(m for m in opts.quant_types if shares_prefill(m)))
-    return ctx.prefixes[key]
+        ctx.records[key] = record_prompt(ctx.model, input_ids, mask, tail=opts.window_size,
+                                         prefill_chunk=opts.prefill_chunk,
+                                         accumulate=needs_accumulated(m for m in opts.quant_types if shares_prefill(m)))
+    return ctx.records[key]
 
 
 def _stopper(tokenizer: Any, stops: tuple[str, ...]) -> Callable[[list[int]], bool] | None:
