@@ -15,7 +15,7 @@ import datetime
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -44,9 +44,16 @@ class Ranks:
     def main(self) -> bool:
         return self.rank == 0
 
-    def share(self, items: Sequence[T]) -> list[T]:
-        """This rank's items: every `world`-th one, starting at `rank` (the same split on every rank)."""
-        return list(items[self.rank::self.world])
+    def share(self, items: Sequence[T], group: Callable[[T], Hashable] | None = None) -> list[T]:
+        """This rank's items: every `world`-th one, starting at `rank` (the same split on every rank). With
+        `group`, items of one group stay on one rank (every `world`-th group, in order of first appearance):
+        the configurations that share a prompt's forward pass run where it was recorded."""
+        if group is None:
+            return list(items[self.rank::self.world])
+        index: dict[Hashable, int] = {}
+        for item in items:
+            index.setdefault(group(item), len(index))
+        return [item for item in items if index[group(item)] % self.world == self.rank]
 
     def samples_file(self) -> str:
         """The sample file this rank appends to."""

@@ -319,6 +319,12 @@ def work_items(run: Run) -> list[WorkItem]:
     return items
 
 
+def _prompt(item: WorkItem) -> tuple:
+    """The prompt a work item runs: the items of one prompt share its recorded forward pass."""
+    pctx, task, _, _, batch = item
+    return pctx.protocol, task.name, tuple(s.sample_id for s in batch.samples)
+
+
 def execute(run: Run, progress: Callable[[str, int], None] | None = None) -> list[dict[str, Any]]:
     """Run every (task, method, cache size) not already in the logs (a data-parallel rank: its share of
     them); return the summary rows (rank 0, once every rank is done; other ranks: none)."""
@@ -328,7 +334,7 @@ def execute(run: Run, progress: Callable[[str, int], None] | None = None) -> lis
     # On a GPU, graphs and compiled steps specialise on each method and store capacity; on a CPU nothing is
     # compiled, and one warm-up (allocator, thread pool, the model's kernels) serves every configuration.
     on_gpu = ctx.model.device.type == "cuda"
-    mine = ranks.share(work_items(run))
+    mine = ranks.share(work_items(run), group=_prompt if ctx.opts.shared_prefill else None)
     counted = _records_written(run.folder)
     several = len(ctx.opts.protocols) > 1
     for i, (pctx, task, method, size, batch) in enumerate(mine):

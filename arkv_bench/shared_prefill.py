@@ -150,11 +150,13 @@ def _adopt(layer: CacheLayerMixin, prompt: LayerPrompt) -> None:
     so the record is never written)."""
     if layer.is_initialized:
         raise ValueError("the cache already holds tokens: give prefill_from a fresh cache")
-    layer.dtype, layer.device = prompt.keys.dtype, prompt.keys.device
     layer.keys, layer.values = prompt.keys, prompt.values
     layer.is_initialized = True
     if isinstance(layer, SlotLayer):
+        layer.take_device(prompt.keys.dtype, prompt.keys.device)
         layer.pos, layer.seen = prompt.pos, prompt.keys.shape[2]
+    else:
+        layer.dtype, layer.device = prompt.keys.dtype, prompt.keys.device
     if isinstance(layer, H2OLayer):
         layer.acc = prompt.acc
 

@@ -35,6 +35,9 @@ def test_shares_cover_the_work_once_in_a_fixed_order() -> None:
     assert sorted(x for share in shares for x in share) == items
     assert shares[1] == [1, 4, 7, 10]
     assert Ranks().share(items) == items
+    # grouped: a group (here, runs of 3) stays on one rank, the groups dealt in turn
+    grouped = [Ranks(rank=r, world=2).share(items, group=lambda x: x // 3) for r in range(2)]
+    assert grouped == [[0, 1, 2, 6, 7, 8], [3, 4, 5, 9, 10]]
     assert [Ranks(r, 2).samples_file() for r in range(2)] == ["samples.rank0.jsonl", "samples.rank1.jsonl"]
     assert Ranks().samples_file() == "samples.jsonl"
 

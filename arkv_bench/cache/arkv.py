@@ -182,11 +182,13 @@ class ArkvCache(BenchCache):
         layers = self.layers
         if layers[0].origin_budget is not None or any(layer.oq is None for layer in layers):
             return
-        ratios = oq_ratios(torch.stack([layer.oq for layer in layers]))
+        here = layers[0].oq.device  # under --device-map the layers live on several devices
+        ratios = oq_ratios(torch.stack([layer.oq.to(here) for layer in layers]))
         for layer, ratio in zip(layers, ratios):
-            layer.ratio = ratio
-            layer.origin_budget = torch.round(ratio * (layer.cache_size - layer.window_size)).long()
-        ranges = torch.stack([torch.stack([layer.origin_budget.min(), layer.origin_budget.max()]) for layer in layers])
+            layer.ratio = ratio.to(layer.oq.device)
+            layer.origin_budget = torch.round(layer.ratio * (layer.cache_size - layer.window_size)).long()
+        ranges = torch.stack([torch.stack([layer.origin_budget.min(), layer.origin_budget.max()]).to(here)
+                              for layer in layers])
         for layer, (low, high) in zip(layers, ranges.tolist()):  # one sync, once
             layer.origin_range = (low, high)
 

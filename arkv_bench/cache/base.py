@@ -95,11 +95,18 @@ class TokenLayer(CacheLayerMixin):
 
     # --- transformers' layer interface -------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
+        self.take_device(key_states.dtype, key_states.device)
         self.keys = key_states[:, :, :0]
         self.values = value_states[:, :, :0]
         self.pos = torch.empty(*key_states.shape[:2], 0, dtype=torch.int32, device=self.device)
         self.is_initialized = True
+
+    def take_device(self, dtype: torch.dtype, device: torch.device) -> None:
+        """The layer's dtype and device; the rows' starts (read from the prompt's mask, on the first
+        device) move to it: under --device-map the layers live on several devices."""
+        self.dtype, self.device = dtype, device
+        if self.start is not None:
+            self.start = self.start.to(device)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                ) -> tuple[torch.Tensor, torch.Tensor]:
