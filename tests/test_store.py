@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from arkv_bench.cache import make_cache
-from arkv_bench.cache.store import Fusion
+from arkv_bench.cache.store import Fusion, SlotLayer, lowest
 from arkv_bench.generation import Decoder, chunk_bounds, extend, greedy_generate, left_pad, prefill
 from tests.conftest import DEVICE, prompt_ids
 
@@ -72,6 +72,35 @@ def test_store_invariants_every_step(llama, label):
         if step > SLOT_METHODS[label][1].get("slack", 0) + 1:  # after ARKV's first quantization sized its stores
             assert shapes is None or now == shapes, "a store was reallocated while decoding"
             shapes = now
+
+
+@pytest.mark.parametrize("q", [8, 40])
+@pytest.mark.parametrize("label", list(SLOT_METHODS))
+def test_several_tokens_at_once_after_compression(llama, label, q, monkeypatch):
+    """A text fed in chunks (ppl) or a question after its compressed context: new tokens only take empty
+    slots, no position is held twice, the budget holds, and ARKV's Original store is back within
+    window + origin_l after every forward."""
+    write = SlotLayer.write
+
+    def checked(layer, key_states, value_states):
+        slots = lowest(layer.pos, key_states.shape[2])
+        assert (layer.pos.gather(2, slots) == -1).all(), "a new token was written over a live slot"
+        write(layer, key_states, value_states)
+
+    monkeypatch.setattr(SlotLayer, "write", checked)
+    cache = build(label, llama)
+    ids = prompt_ids(150, seed=3)
+    mask = torch.ones_like(ids)
+    prefill(llama, ids, mask, cache)
+    for step in range(4):
+        _, mask = extend(llama, prompt_ids(q, seed=100 + step), mask, cache)
+        for layer in cache.layers:
+            for held in positions(layer):
+                assert held.unique().numel() == held.numel(), "a position is held twice"
+                if layer.decode_evicts and label != "adakv":
+                    assert held.numel() <= layer.cache_size
+            if getattr(layer, "quantizing", False):
+                assert (layer.live(layer.pos).sum(-1) <= W + layer.origin_budget.view(-1, 1)).all()
 
 
 @pytest.mark.parametrize("label", list(SLOT_METHODS) + ["full-static"])

@@ -106,11 +106,11 @@ class ArkvLayer(HeadBudgets, SlotLayer):
         score = self.decode_score(probs)
         if not self.quantize or self.origin_budget is None:
             self.evict(score)
-        elif self.quantizing and self.head_budget == "uniform":
+        elif self.quantizing and self.head_budget == "uniform" and query.shape[2] == 1:
             evicted = self.evict(score)
             self.requantize(score, evicted)
-        else:
-            self.rebuild(score)
+        else:  # also after several tokens at once (a text fed in chunks, a question after its context):
+            self.rebuild(score)  # more tokens than the in-place move handles can leave the Original budget
 
     def requantize(self, score: torch.Tensor, evicted: torch.Tensor) -> None:
         """In place: the lowest-scored Original tokens beyond origin_l (at most slack + 1) become Quantized."""
