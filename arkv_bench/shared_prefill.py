@@ -73,14 +73,13 @@ class PromptRecord:
 
 class _Recording:
     """Mixin for a slot layer: after the last forward, keep the queries the methods select with instead of
-    selecting (each configuration selects for itself)."""
+    selecting (each configuration selects for itself). The record's `window_size` is its tail."""
 
-    tail = 1
     query: torch.Tensor | None = None
     scaling = 1.0
 
     def end_prefill(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        self.query, self.scaling = query[:, :, -self.tail:].clone(), scaling  # not a view: the rest is freed
+        self.query, self.scaling = query[:, :, -self.window_size:].clone(), scaling  # not a view: the rest is freed
 
 
 class _RecordLayer(_Recording, SlotLayer):
@@ -107,8 +106,6 @@ class _RecordCache(BenchCache):
     def __init__(self, num_layers: int, tail: int, accumulate: bool):
         self.layer_class = _RecordH2OLayer if accumulate else _RecordLayer
         super().__init__(num_layers, window_size=tail)  # prefill's chunks: at least `tail` tokens, as a method's
-        for layer in self.layers:
-            layer.tail = tail
 
 
 def shares_prefill(method: str) -> bool:
