@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from arkv_bench.cache import BenchCache
 from arkv_bench.cache.store import Fusion
+from arkv_bench.layer_major import applies, layer_major_prefill
 
 
 @dataclass
@@ -79,13 +80,21 @@ def chunk_bounds(width: int, chunk: int) -> list[tuple[int, int]]:
 
 @torch.inference_mode()
 def prefill(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: BenchCache,
-            prefill_chunk: int = 0) -> torch.Tensor:
+            prefill_chunk: int = 0, layer_major: bool | None = None) -> torch.Tensor:
     """Run the prompt through the cache, `prefill_chunk` tokens per row at a time (0: in one pass);
-    return the last position's logits [B, V]. The methods select what they keep after the last chunk."""
+    return the last position's logits [B, V]. The methods select what they keep after the last chunk.
+    `layer_major` (default: where it applies, see layer_major.py) runs every chunk through a layer before
+    the next layer, so a budgeted cache never holds more than one layer's dense prompt; same results."""
     positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     chunk = max(prefill_chunk, cache.options.get("window_size") or 0) if prefill_chunk > 0 else 0
     bounds = chunk_bounds(input_ids.shape[1], chunk)
     cache.set_prompt_mask(attention_mask)
+    if layer_major is None:
+        layer_major = applies(model, cache)
+    if layer_major:
+        logits = layer_major_prefill(model, input_ids, attention_mask, positions, cache, bounds)
+        cache.set_prefill_open(False)
+        return logits
     for i, (a, b) in enumerate(bounds):
         cache.set_prefill_open(i < len(bounds) - 1)
         out = model(input_ids=input_ids[:, a:b], attention_mask=attention_mask[:, :b], position_ids=positions[:, a:b],

@@ -66,13 +66,19 @@ class ArkvLayer(HeadBudgets, SlotLayer):
 
     # --- prefill (sections 1 and 2) ------------------------------------------------------------
     def end_prefill(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        n_scoring = min(self.window_size, query.shape[2])
-        a = self.probs(query, key, scaling, first=query.shape[2] - n_scoring)
-        a = a[..., :max(key.shape[2] - min(self.window_size, self.seen), 0)]  # A': non-window keys
-        self.oq = oq_score(a, *self.tau)
+        first = query.shape[2] - min(self.window_size, query.shape[2])
+        n_keys = max(key.shape[2] - min(self.window_size, self.seen), 0)  # A': non-window keys
+        over = self.over_budget()
+        oq, scores = [], []
+        for rows in self.row_blocks(query, key, first):
+            a = self.probs(query, key, scaling, first=first, rows=rows)[..., :n_keys]
+            oq.append(oq_score(a, *self.tau))
+            if over:
+                scores.append(heavy_hitter_score(a, self.gamma, self.pooling, self.kernel_size, key.shape[1]))
+        self.oq = torch.cat(oq)
         keep = self.live(self.pos)
-        if self.over_budget():
-            s = heavy_hitter_score(a, self.gamma, self.pooling, self.kernel_size, key.shape[1])
+        if over:
+            s = torch.cat(scores)
             keep = self.keep_best(F.pad(s, (0, self.pos.shape[-1] - s.shape[-1]), value=float("-inf")), self.pos)
         self.build_store(keep)
 

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from torch.nn.attention.bias import causal_lower_right
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTN_NAME = "arkv"
@@ -78,3 +79,20 @@ def attention_probs(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tenso
     logits = torch.matmul(grouped, key.float().transpose(-1, -2)).view(b, hkv, hq // hkv, q, n).mul_(scaling)
     logits.masked_fill_(~allowed.unsqueeze(2), float("-inf"))
     return torch.softmax(logits, dim=-1).nan_to_num_(0.0).view(b, hq, q, n)
+
+
+def lower_right_ready(x: torch.Tensor) -> bool:
+    """Whether `causal_attention` runs on a fused kernel for activations like `x` (CUDA, half precision):
+    elsewhere it would fall back to a materialised mask, so the model's own mask is used instead."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention of the last q of n dense tokens, causal (aligned to the lower right): [B, q, Hq, D].
+
+    No mask tensor and no keys repeated per query head, where a model's chunked prefill would build a
+    [B, 1, q, n] mask and copy the keys and values for every query head of a group."""
+    mask = causal_lower_right(query.shape[2], key.shape[2])
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                                           enable_gqa=True)
+    return out.transpose(1, 2).contiguous()

@@ -25,12 +25,15 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from arkv_bench.cache.attention import attention_probs, mark_pending
+from arkv_bench.cache.attention import attention_probs, causal_attention, lower_right_ready, mark_pending
 
 NOT_PREPARED = (
     "the model's attention does not call the arkv hook, so this cache cannot compress: "
     "call arkv_bench.cache.prepare_model(model) (or load it with attn_implementation='arkv') first"
 )
+
+
+SCORE_ELEMENTS = 1 << 26  # float32 attention weights scored at once at the end of prefill (256 MiB)
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
@@ -183,17 +186,24 @@ class TokenLayer(CacheLayerMixin):
         causal = pos.unsqueeze(-2) <= q_pos.view(1, 1, -1, 1)
         return causal & self.live(pos).unsqueeze(-2)
 
-    def probs(self, query: torch.Tensor, key: torch.Tensor, scaling: float, first: int = 0, last: int | None = None
-              ) -> torch.Tensor:
-        """Attention weights [B, Hq, q, N] of queries first..last of this forward over the held keys
-        (or the first N of them, when `key` is a prefix of the held keys)."""
+    def probs(self, query: torch.Tensor, key: torch.Tensor, scaling: float, first: int = 0, last: int | None = None,
+              rows: slice = slice(None)) -> torch.Tensor:
+        """Attention weights [b, Hq, q, N] of queries first..last of this forward over the held keys
+        (or the first N of them, when `key` is a prefix of the held keys), for the batch `rows`."""
         n_queries = query.shape[2]
         last = n_queries if last is None else last
         if self._allowed is not None:
             allowed = self._allowed[:, :, first:last]
         else:
             allowed = self.allowed(self.view_positions(), n_queries, first, last)
-        return attention_probs(query[:, :, first:last], key, allowed[..., :key.shape[2]], scaling)
+        return attention_probs(query[rows, :, first:last], key[rows], allowed[rows, ..., :key.shape[2]], scaling)
+
+    def row_blocks(self, query: torch.Tensor, key: torch.Tensor, first: int) -> list[slice]:
+        """Batch rows to score at once at the end of prefill: at most SCORE_ELEMENTS attention weights
+        (and their temporaries) per block, so a large batch's scoring does not set the peak memory."""
+        per_row = query.shape[1] * (query.shape[2] - first) * key.shape[2]
+        step = max(1, SCORE_ELEMENTS // max(per_row, 1))
+        return [slice(r, r + step) for r in range(0, query.shape[0], step)]
 
     def attend(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -202,13 +212,17 @@ class TokenLayer(CacheLayerMixin):
         if self.start is None:
             self.start = first_real_index(attention_mask, query.shape[0], query.device)
             self.padded = bool((self.start > 0).any())  # one sync per layer, at prefill
-        if query.shape[2] == 1 and not self.may_hold_empty():
-            attention_mask = None  # one query, and every held slot is a real past token: nothing to mask
-        elif not (self.dense and (attention_mask is None or attention_mask.shape[-1] == key.shape[2])):
-            self._allowed = self.allowed(self.view_positions(), query.shape[2])
-            attention_mask = self._allowed.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        q, n = query.shape[2], key.shape[2]
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        if self.dense and not self.padded and lower_right_ready(query):
+            out = causal_attention(query, key, value, scaling)  # the model's mask is plain causal: not needed
+        else:
+            if q == 1 and not self.may_hold_empty():
+                attention_mask = None  # one query, and every held slot is a real past token: nothing to mask
+            elif not (self.dense and (attention_mask.shape[-1] == n if attention_mask is not None else q in (1, n))):
+                self._allowed = self.allowed(self.view_positions(), q)
+                attention_mask = self._allowed.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         self.after_attention(query, key, scaling)
         self._allowed = None
         return out, None

@@ -53,12 +53,16 @@ class SnapKVLayer(SlotLayer):
     def snap_score(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
         """SnapKV's score of every dense slot [B, Hkv, N]; window slots score 0 (they are protected)."""
         n_q = query.shape[2]
-        a = self.probs(query, key, scaling, first=n_q - min(self.window_size, n_q))
+        first = n_q - min(self.window_size, n_q)
         # Only non-window keys are scored: zeroing the window's columns before pooling is the same as
         # cutting them off (the paper's A[..., -W:, :-W]) and also holds when heads hold padding slots.
         window = self.protected(self.pos).repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-        return heavy_hitter_score(a.masked_fill(window.unsqueeze(2), 0.0), 0.0, self.pooling, self.kernel_size,
-                                  key.shape[1])
+        scores = []
+        for rows in self.row_blocks(query, key, first):
+            a = self.probs(query, key, scaling, first=first, rows=rows)
+            scores.append(heavy_hitter_score(a.masked_fill(window[rows].unsqueeze(2), 0.0), 0.0, self.pooling,
+                                             self.kernel_size, key.shape[1]))
+        return torch.cat(scores)
 
     def decode_score(self, probs: torch.Tensor) -> torch.Tensor:
         """The same score from this step's queries over the slots; ties go to the earlier position."""
