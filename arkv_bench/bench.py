@@ -316,9 +316,7 @@ class Bench:
                                "cache_size": options.get("cache_size") if METHODS[name].budgeted else None,
                                "window_size": options.get("window_size"), "status": "oom"}
         device = self.model.device
-        vocab = self.model.config.get_text_config().vocab_size
-        generator = torch.Generator().manual_seed(self.opts.seed * 1_000_003 + context * 1009 + batch)
-        ids = torch.randint(min(100, vocab // 2), vocab, (batch, context), generator=generator).to(device)
+        ids = self._ids(batch, context)
         try:
             self._generate(name, options, ids)  # warm-up at the cell's exact shapes
             _free(device)
@@ -336,9 +334,29 @@ class Bench:
             row.update(self._figures(gen, batch, before, peak))
         return row
 
-    def _generate(self, name: str, options: dict[str, Any], ids: torch.Tensor) -> Any:
+    def fits(self, spec: str, batch: int, context: int) -> bool:
+        """Whether a batch runs at all: its prefill and a first decode step (the peak of every method is in
+        its prefill or its first steps), without the warm-up and timing of a measured cell."""
+        name, extra = parse_method(spec)
+        try:
+            self._generate(name, cache_options(self.opts, name, extra), self._ids(batch, context), new_tokens=2)
+            ok = True
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+            if not _is_oom(e):
+                raise
+            ok = False
+        _free(self.model.device)
+        return ok
+
+    def _ids(self, batch: int, context: int) -> torch.Tensor:
+        """The cell's random prompt ids (speed does not depend on content), the same for every method."""
+        vocab = self.model.config.get_text_config().vocab_size
+        generator = torch.Generator().manual_seed(self.opts.seed * 1_000_003 + context * 1009 + batch)
+        return torch.randint(min(100, vocab // 2), vocab, (batch, context), generator=generator).to(self.model.device)
+
+    def _generate(self, name: str, options: dict[str, Any], ids: torch.Tensor, new_tokens: int | None = None) -> Any:
         cache = make_cache(name, self.model.config, attention_kernel=self.opts.attention_kernel, **options)
-        return greedy_generate(self.model, ids, torch.ones_like(ids), cache, self.opts.new_tokens,
+        return greedy_generate(self.model, ids, torch.ones_like(ids), cache, new_tokens or self.opts.new_tokens,
                                **self.generate_kwargs)
 
     def _figures(self, gen: Any, batch: int, before: int | None, peak: int | None) -> dict[str, Any]:
@@ -358,15 +376,10 @@ class Bench:
                 "compressed": bool(gen.stats.get("compressed")), "evicted_frac": evicted, "quantized_frac": quantized}
 
     def max_batch(self, spec: str, context: int) -> dict[str, Any]:
-        """The largest batch that fits at `context` (doubling, then bisection on out-of-memory), measured."""
-        measured: dict[int, dict[str, Any]] = {}
-
-        def fits(batch: int) -> bool:
-            measured[batch] = self.measure(spec, batch, context, kind="max-batch")
-            return measured[batch]["status"] == "ok"
-
-        best = largest_fitting(fits, MAX_BATCH_LIMIT)
-        return measured[best] if best else measured[1]
+        """The largest batch that fits at `context` (doubling, then bisection on out-of-memory, each try a
+        prefill and one step), then measured as a cell (an `oom` row if not even 1 fits)."""
+        best = largest_fitting(lambda batch: self.fits(spec, batch, context), MAX_BATCH_LIMIT)
+        return self.measure(spec, max(best, 1), context, kind="max-batch")
 
 
 def largest_fitting(fits: Callable[[int], bool], limit: int) -> int:

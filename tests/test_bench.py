@@ -178,3 +178,27 @@ def test_compile_and_prefill_chunk_reach_the_decode_loop_only_where_it_takes_the
                                                   {"compile": True, "prefill_chunk": 512})
     assert generation_options(BenchOptions(), cpu)[:2] == ({"compile": False}, {"compile": False, "prefill_chunk": 2048})
     assert generation_options(BenchOptions(compile=False), cuda)[1]["compile"] is False
+
+
+def test_max_batch_measures_the_largest_batch_that_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The search tries batches with a cheap probe (prefill and one step), then measures only the largest that
+    fit, as a cell of kind max-batch; when not even 1 fits, an oom row."""
+    from arkv_bench.bench import Bench, BenchOptions, load_bench_model
+
+    opts = BenchOptions(random_arch="tiny-llama", device="cpu", cache_size=24, window_size=4, new_tokens=NEW_TOKENS)
+    model, _ = load_bench_model(opts)
+    bench_ = Bench(model, opts, {}, None, 0, 0)
+    tried: list[int] = []
+    real_fits = Bench.fits
+
+    def fits(self, spec: str, batch: int, context: int) -> bool:
+        tried.append(batch)
+        return batch <= 3 and real_fits(self, spec, batch, context)
+
+    monkeypatch.setattr(Bench, "fits", fits)
+    row = bench_.max_batch("mix", CONTEXT)
+    assert tried == [1, 2, 4, 3]
+    assert (row["kind"], row["batch_size"], row["status"], row["decode_steps"]) == ("max-batch", 3, "ok", NEW_TOKENS - 1)
+    monkeypatch.setattr(Bench, "measure", lambda self, spec, batch, context, kind="cell": {"batch_size": batch})
+    monkeypatch.setattr(Bench, "fits", lambda self, spec, batch, context: False)
+    assert bench_.max_batch("mix", CONTEXT) == {"batch_size": 1}
