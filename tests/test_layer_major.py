@@ -11,7 +11,7 @@ from arkv_bench.layer_major import applies
 from tests.conftest import DEVICE, prompt_ids, tiny_model
 
 W, NEW = 16, 10
-SLOT_METHODS = ["mix", "origin", "h2o", "window", "snapkv", "pyramidkv", "adakv", "quant"]
+SLOT_METHODS = ["mix", "origin", "h2o", "window", "snapkv", "pyramidkv", "adakv", "quant", "kivi"]
 
 
 def build(method: str, model, budget: int = 48):
@@ -71,7 +71,7 @@ def test_dense_layers_at_once(llama, monkeypatch, layer_major, most):
 def test_applies_only_where_the_forward_is_replayed(llama):
     assert applies(llama, build("mix", llama))
     assert not applies(llama, build("full", llama))  # the model's own cache: its own forward
-    assert not applies(llama, build("kivi", llama))  # not a slot store
+    assert not applies(llama, build("akv", llama))  # not a slot store
     mistral = tiny_model("mistral")
     assert not applies(mistral, build("mix", mistral))
 

@@ -12,7 +12,7 @@ from arkv_bench.shared_prefill import generate_from, needs_accumulated, prefill_
 from tests.conftest import DEVICE, prompt_ids, tiny_model
 
 W, TAIL, NEW = 16, 24, 12
-SHARED = ["full", "mix", "origin", "h2o", "window", "snapkv", "pyramidkv", "adakv", "quant"]
+SHARED = ["full", "mix", "origin", "h2o", "window", "snapkv", "pyramidkv", "adakv", "quant", "kivi"]
 BUDGETS = {"compressing": 48, "roomy": 512}  # below the prompts' lengths / above prompt + generation
 
 
@@ -116,7 +116,7 @@ def test_refusals(llama):
     with pytest.raises(ValueError, match="tail >= 32"):
         prefill_from(llama, plain, make_cache("snapkv", llama.config, cache_size=48, window_size=32))
     with pytest.raises(ValueError, match="run it with greedy_generate"):
-        prefill_from(llama, plain, make_cache("kivi", llama.config))
+        prefill_from(llama, plain, make_cache("akv", llama.config))
     used = build("window", llama, 48)
     prefill_from(llama, plain, used)
     with pytest.raises(ValueError, match="fresh cache"):

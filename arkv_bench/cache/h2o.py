@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from arkv_bench.cache.base import BenchCache
-from arkv_bench.cache.store import SlotLayer, empty_like_slots, take_or_empty
+from arkv_bench.cache.store import SlotLayer, empty_like_slots, scatter_slots, take_or_empty
 
 # Prefill attention weights scored at once (float32), whatever the batch: large launches on a GPU,
 # cache-sized blocks on a CPU (8x faster there than one large block).
@@ -49,7 +49,7 @@ class H2OLayer(SlotLayer):
         self.acc = take_or_empty(self.acc, idx)
 
     def on_write(self, slots: torch.Tensor) -> None:
-        self.acc.scatter_(2, slots, 0.0)
+        scatter_slots(self.acc, slots, torch.zeros_like(slots, dtype=self.acc.dtype))
 
     def grow_extras(self, extra: int) -> None:
         self.acc = torch.cat([self.acc, empty_like_slots(self.acc, extra)], dim=2)

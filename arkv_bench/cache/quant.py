@@ -84,8 +84,8 @@ class FP8Layer(SlotLayer):
         codes, scale = fp8_quantize(take_slots(self.values, src))
         scatter_slots(self.vq, dst, codes)
         scatter_slots(self.v_scale, dst, scale)
-        self.pos_q.scatter_(2, dst, torch.where(found, self.pos.gather(2, src), -1))
-        self.pos.scatter_(2, src, torch.where(found, -1, self.pos.gather(2, src)))
+        scatter_slots(self.pos_q, dst, torch.where(found, self.pos.gather(2, src), -1))
+        scatter_slots(self.pos, src, torch.where(found, -1, self.pos.gather(2, src)))
 
 
 class FP8Cache(BenchCache):
