@@ -7,7 +7,8 @@ slots, once:
 
     keys, values      [B, Hkv, C_o, D]  model dtype     the Original slots
     pos               [B, Hkv, C_o]     int32           each slot's true position; -1 = empty
-    kq, vq            [B, Hkv, C_q, D]  float8_e4m3fn   the Quantized slots (methods that quantize)
+    kq, vq            [B, Hkv, C_q, D]  float8_e4m3fn   the Quantized slots (methods that quantize), kept
+                                                        as their raw bytes (kq_bytes, vq_bytes: uint8)
     k_scale, v_scale  [B, Hkv, C_q, 1]  float32         one scale per token and head
     pos_q             [B, Hkv, C_q]     int32           -1 = empty
 
@@ -72,17 +73,15 @@ def fused(fn: Callable, layer: Any, *args: Any) -> Any:
 
 
 def scatter_slots(store: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
-    """store [B, H, C, ...] at slots [B, H, m] <- new [B, H, m, ...], in place (FP8 as raw bytes).
+    """store [B, H, C, ...] at slots [B, H, m] <- new [B, H, m, ...], in place (FP8 codes go into the
+    store's raw bytes, `kq_bytes` / `vq_bytes`).
 
     An index_put_: compiled by inductor it writes only the m slots, where a scatter_ into a graph input
     copies the whole store twice (for a 32K-slot FP8 store at b8, 0.7 ms a layer and step)."""
     b, h, m = slots.shape
     rows = torch.arange(b, device=slots.device).view(b, 1, 1).expand(b, h, m)
     heads = torch.arange(h, device=slots.device).view(1, h, 1).expand(b, h, m)
-    if store.dtype == FP8_DTYPE:
-        store.view(torch.uint8).index_put_((rows, heads, slots), new.view(torch.uint8))
-    else:
-        store.index_put_((rows, heads, slots), new)
+    store.index_put_((rows, heads, slots), new.view(store.dtype) if new.dtype == FP8_DTYPE else new)
 
 
 def take_slots(store: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -189,7 +188,26 @@ class SlotLayer(TokenLayer):
         self.evicting = False  # this forward evicts (decided on the host, before the step)
         self.epoch = 0  # bumped whenever a store is reallocated: captured decode graphs are stale then
         self.seen_t: torch.Tensor | None = None  # `seen` on the device, for graph-replayed steps
-        self.kq = self.vq = self.k_scale = self.v_scale = self.pos_q = None
+        self.kq_bytes = self.vq_bytes = self.k_scale = self.v_scale = self.pos_q = None
+
+    # The FP8 slots are held as raw bytes: a decode step writes into the uint8 tensor itself, since
+    # inductor turns a write through a dtype view of a graph input into copies of the whole store (on
+    # CUDA). Everything else reads and assigns them as FP8.
+    @property
+    def kq(self) -> torch.Tensor | None:
+        return None if self.kq_bytes is None else self.kq_bytes.view(FP8_DTYPE)
+
+    @kq.setter
+    def kq(self, codes: torch.Tensor | None) -> None:
+        self.kq_bytes = None if codes is None else codes.view(torch.uint8)
+
+    @property
+    def vq(self) -> torch.Tensor | None:
+        return None if self.vq_bytes is None else self.vq_bytes.view(FP8_DTYPE)
+
+    @vq.setter
+    def vq(self, codes: torch.Tensor | None) -> None:
+        self.vq_bytes = None if codes is None else codes.view(torch.uint8)
 
     # --- transformers' layer interface ------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -429,8 +447,8 @@ def quantize_into(layer: SlotLayer, src: torch.Tensor, move: torch.Tensor) -> No
     dst = lowest(layer.pos_q, m)  # empty Quantized slots (-1) come first
     kq, ks = fp8_quantize(take_slots(layer.keys, src))
     vq, vs = fp8_quantize(take_slots(layer.values, src))
-    scatter_slots(layer.kq, dst, kq)
-    scatter_slots(layer.vq, dst, vq)
+    scatter_slots(layer.kq_bytes, dst, kq)
+    scatter_slots(layer.vq_bytes, dst, vq)
     scatter_slots(layer.k_scale, dst, ks)
     scatter_slots(layer.v_scale, dst, vs)
     moved_pos = layer.pos.gather(2, src)
