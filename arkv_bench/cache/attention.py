@@ -15,9 +15,9 @@ import threading
 from typing import Any, Protocol
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from torch.nn.attention.bias import causal_lower_right
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTN_NAME = "arkv"

@@ -214,7 +214,8 @@ class TokenLayer(CacheLayerMixin):
             self.padded = bool((self.start > 0).any())  # one sync per layer, at prefill
         q, n = query.shape[2], key.shape[2]
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        if self.dense and not self.padded and lower_right_ready(query):
+        sliding = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+        if self.dense and not self.padded and not sliding and lower_right_ready(query):
             out = causal_attention(query, key, value, scaling)  # the model's mask is plain causal: not needed
         else:
             if q == 1 and not self.may_hold_empty():
