@@ -336,10 +336,12 @@ class Bench:
 
     def fits(self, spec: str, batch: int, context: int) -> bool:
         """Whether a batch runs at all: its prefill and a first decode step (the peak of every method is in
-        its prefill or its first steps), without the warm-up and timing of a measured cell."""
+        its prefill or its first steps), eagerly (a captured step would compile for every batch size tried),
+        without the warm-up and timing of a measured cell."""
         name, extra = parse_method(spec)
         try:
-            self._generate(name, cache_options(self.opts, name, extra), self._ids(batch, context), new_tokens=2)
+            self._generate(name, cache_options(self.opts, name, extra), self._ids(batch, context), new_tokens=2,
+                           eager=True)
             ok = True
         except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
             if not _is_oom(e):
@@ -354,10 +356,13 @@ class Bench:
         generator = torch.Generator().manual_seed(self.opts.seed * 1_000_003 + context * 1009 + batch)
         return torch.randint(min(100, vocab // 2), vocab, (batch, context), generator=generator).to(self.model.device)
 
-    def _generate(self, name: str, options: dict[str, Any], ids: torch.Tensor, new_tokens: int | None = None) -> Any:
+    def _generate(self, name: str, options: dict[str, Any], ids: torch.Tensor, new_tokens: int | None = None,
+                  eager: bool = False) -> Any:
         cache = make_cache(name, self.model.config, attention_kernel=self.opts.attention_kernel, **options)
+        kwargs = {**self.generate_kwargs, "compile": False} if eager and "compile" in self.generate_kwargs \
+            else self.generate_kwargs
         return greedy_generate(self.model, ids, torch.ones_like(ids), cache, new_tokens or self.opts.new_tokens,
-                               **self.generate_kwargs)
+                               **kwargs)
 
     def _figures(self, gen: Any, batch: int, before: int | None, peak: int | None) -> dict[str, Any]:
         steps = [1000 * s for s in gen.itl_s]
@@ -377,9 +382,14 @@ class Bench:
 
     def max_batch(self, spec: str, context: int) -> dict[str, Any]:
         """The largest batch that fits at `context` (doubling, then bisection on out-of-memory, each try a
-        prefill and one step), then measured as a cell (an `oom` row if not even 1 fits)."""
-        best = largest_fitting(lambda batch: self.fits(spec, batch, context), MAX_BATCH_LIMIT)
-        return self.measure(spec, max(best, 1), context, kind="max-batch")
+        prefill and one eager step), then measured as a cell; if the measured run (warm-up, captured steps)
+        does not fit, the next smaller batch is measured (an `oom` row if not even 1 fits)."""
+        batch = max(largest_fitting(lambda n: self.fits(spec, n, context), MAX_BATCH_LIMIT), 1)
+        row = self.measure(spec, batch, context, kind="max-batch")
+        while row["status"] == "oom" and batch > 1:
+            batch -= 1
+            row = self.measure(spec, batch, context, kind="max-batch")
+        return row
 
 
 def largest_fitting(fits: Callable[[int], bool], limit: int) -> int:

@@ -181,8 +181,8 @@ def test_compile_and_prefill_chunk_reach_the_decode_loop_only_where_it_takes_the
 
 
 def test_max_batch_measures_the_largest_batch_that_fits(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The search tries batches with a cheap probe (prefill and one step), then measures only the largest that
-    fit, as a cell of kind max-batch; when not even 1 fits, an oom row."""
+    """The search tries batches with a cheap probe (prefill and one eager step), then measures only the largest
+    that fit, as a cell of kind max-batch, stepping down while the measured run does not fit."""
     from arkv_bench.bench import Bench, BenchOptions, load_bench_model
 
     opts = BenchOptions(random_arch="tiny-llama", device="cpu", cache_size=24, window_size=4, new_tokens=NEW_TOKENS)
@@ -199,6 +199,15 @@ def test_max_batch_measures_the_largest_batch_that_fits(monkeypatch: pytest.Monk
     row = bench_.max_batch("mix", CONTEXT)
     assert tried == [1, 2, 4, 3]
     assert (row["kind"], row["batch_size"], row["status"], row["decode_steps"]) == ("max-batch", 3, "ok", NEW_TOKENS - 1)
-    monkeypatch.setattr(Bench, "measure", lambda self, spec, batch, context, kind="cell": {"batch_size": batch})
+    measured: list[int] = []
+
+    def measure(self, spec: str, batch: int, context: int, kind: str = "cell") -> dict:
+        measured.append(batch)
+        return {"batch_size": batch, "status": "ok" if batch <= 2 else "oom"}
+
+    monkeypatch.setattr(Bench, "measure", measure)
+    assert bench_.max_batch("mix", CONTEXT) == {"batch_size": 2, "status": "ok"}  # probes fit 3, the measured run 2
+    assert measured == [3, 2]
     monkeypatch.setattr(Bench, "fits", lambda self, spec, batch, context: False)
-    assert bench_.max_batch("mix", CONTEXT) == {"batch_size": 1}
+    measured.clear()
+    assert bench_.max_batch("mix", CONTEXT) == {"batch_size": 1, "status": "ok"} and measured == [1]
