@@ -87,8 +87,10 @@ class KiviLayer(SlotLayer):
         n_q = self.overflow(n)
         self.quantized, self.pos_q = self.empty_store(max(self.overflow(n + (self.reserve or GROW)), self.group))
         if n_q:
-            for name, codes in self._quantize(self.keys[:, :, :n_q], self.values[:, :, :n_q]).items():
-                self.quantized[name][:, :, :codes.shape[2]] = codes
+            for r in range(b):  # a row at a time: float32 temporaries of one row, not the batch's
+                rows = slice(r, r + 1)
+                for name, codes in self._quantize(self.keys[rows, :, :n_q], self.values[rows, :, :n_q]).items():
+                    self.quantized[name][rows, :, :codes.shape[2]] = codes
             self.pos_q[:, :, :n_q] = torch.arange(n_q, dtype=torch.int32, device=self.pos.device)
             self.triggered = True
         slots = torch.arange(n_q, n_q + self.residual + 1, device=self.pos.device)

@@ -32,8 +32,9 @@ class FP8Layer(SlotLayer):
         slots = torch.arange(capacity, dtype=torch.int32, device=self.pos.device)
         self.pos_q = torch.where(slots < n_move, slots, -1).expand(*self.pos.shape[:2], capacity).contiguous()
         if n_move:
-            self.kq[:, :, :n_move], self.k_scale[:, :, :n_move] = fp8_quantize(self.keys[:, :, :n_move])
-            self.vq[:, :, :n_move], self.v_scale[:, :, :n_move] = fp8_quantize(self.values[:, :, :n_move])
+            for r in range(self.pos.shape[0]):  # a row at a time: float32 temporaries of one row, not the batch's
+                self.kq[r, :, :n_move], self.k_scale[r, :, :n_move] = fp8_quantize(self.keys[r, :, :n_move])
+                self.vq[r, :, :n_move], self.v_scale[r, :, :n_move] = fp8_quantize(self.values[r, :, :n_move])
             self.triggered = True
         self.build_store(self.pos >= n_move, self.window_size + 1)
 
