@@ -110,3 +110,17 @@ def test_mask_free_prefill_in_bf16():
         runs.append(greedy_generate(model, ids, mask, cache, NEW, prefill_chunk=24, compile=False, run_prompt=lambda:
                                     prefill(model, ids, mask, cache, 24, layer_major=layer_major)))
     assert runs[0].tokens == runs[1].tokens and runs[0].stats == runs[1].stats
+
+
+def test_causal_attention_aligns_to_the_last_query():
+    """The mask-free attention used on CUDA: the last q of n tokens, each seeing the keys up to its own
+    position, GQA without repeated keys; here on the CPU (where SDPA materialises the same mask) in fp32."""
+    import torch
+
+    from arkv_bench.cache.attention import causal_attention, repeat_kv
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, h, n, 32, generator=g) for h, n in ((8, 48), (2, 200), (2, 200)))
+    allowed = torch.ones(48, 200, dtype=torch.bool).tril(200 - 48)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, repeat_kv(k, 4), repeat_kv(v, 4), attn_mask=allowed)
+    assert torch.allclose(causal_attention(q, k, v, 32 ** -0.5), expected.transpose(1, 2), atol=1e-5)
