@@ -293,6 +293,17 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
+def _unless_oom(run: Callable[[], Any]) -> Any | None:
+    """run(), or None when the device ran out of memory (any other error propagates). The exception, and the
+    tensors its frames hold, are gone once this returns, so the caller can free the device."""
+    try:
+        return run()
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+        if not _is_oom(e):
+            raise
+        return None
+
+
 def _quantile(values: list[float], q: float) -> float:
     return float(torch.tensor(values, dtype=torch.float64).quantile(q))
 
@@ -317,20 +328,20 @@ class Bench:
                                "window_size": options.get("window_size"), "status": "oom"}
         device = self.model.device
         ids = self._ids(batch, context)
-        try:
+
+        def timed() -> tuple[Any, int | None, int | None]:
             self._generate(name, options, ids)  # warm-up at the cell's exact shapes
             _free(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
             gen = self._generate(name, options, ids)
-            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
-            if not _is_oom(e):
-                raise
-            gen = None  # freed below, once the exception (and the tensors its frames hold) is gone
+            return gen, before, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+        result = _unless_oom(timed)
         _free(device)
-        if gen is not None:
+        if result is not None:
+            gen, before, peak = result
             row.update(self._figures(gen, batch, before, peak))
         return row
 
@@ -339,14 +350,8 @@ class Bench:
         its prefill or its first steps), eagerly (a captured step would compile for every batch size tried),
         without the warm-up and timing of a measured cell."""
         name, extra = parse_method(spec)
-        try:
-            self._generate(name, cache_options(self.opts, name, extra), self._ids(batch, context), new_tokens=2,
-                           eager=True)
-            ok = True
-        except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
-            if not _is_oom(e):
-                raise
-            ok = False
+        ok = _unless_oom(lambda: self._generate(name, cache_options(self.opts, name, extra), self._ids(batch, context),
+                                                new_tokens=2, eager=True)) is not None
         _free(self.model.device)
         return ok
 

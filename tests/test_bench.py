@@ -211,3 +211,28 @@ def test_max_batch_measures_the_largest_batch_that_fits(monkeypatch: pytest.Monk
     monkeypatch.setattr(Bench, "fits", lambda self, spec, batch, context: False)
     measured.clear()
     assert bench_.max_batch("mix", CONTEXT) == {"batch_size": 1, "status": "ok"} and measured == [1]
+
+
+def test_out_of_memory_gives_an_oom_row_and_other_errors_propagate(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import arkv_bench.bench as bench_module
+    from arkv_bench.bench import Bench, BenchOptions, load_bench_model
+
+    opts = BenchOptions(random_arch="tiny-llama", device="cpu", cache_size=24, window_size=4, new_tokens=NEW_TOKENS)
+    model, _ = load_bench_model(opts)
+    bench_ = Bench(model, opts, {}, None, 0, 0)
+    error: list[Exception] = [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")]
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise error[0]
+
+    monkeypatch.setattr(bench_module, "greedy_generate", failing)
+    row = bench_.measure("mix", 2, CONTEXT)
+    assert row["status"] == "oom" and "decode_tok_s" not in row
+    assert not bench_.fits("mix", 2, CONTEXT)
+    error[0] = RuntimeError("shape mismatch")
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        bench_.measure("mix", 2, CONTEXT)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        bench_.fits("mix", 2, CONTEXT)
