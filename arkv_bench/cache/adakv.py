@@ -96,9 +96,9 @@ class HeadBudgets:
         return self.decode_evicts and int(self.live(pos).sum(dim=(1, 2)).max()) + q * pos.shape[1] > \
             self.cache_size * pos.shape[1]
 
-    def evict(self, score: torch.Tensor) -> torch.Tensor:
+    def evict(self, score: torch.Tensor, q: int) -> torch.Tensor:
         if self.head_budget == "uniform":
-            return super().evict(score)
+            return super().evict(score, q)
         pos = self.all_positions()
         return self.empty_slots(~self.keep_best(score, pos) & (pos >= 0))
 

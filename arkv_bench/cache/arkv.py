@@ -111,9 +111,9 @@ class ArkvLayer(HeadBudgets, SlotLayer):
             return
         score = self.decode_score(probs)
         if not self.quantize or self.origin_budget is None:
-            self.evict(score)
+            self.evict(score, query.shape[2])
         elif self.quantizing and self.head_budget == "uniform" and query.shape[2] == 1:
-            evicted = self.evict(score)
+            evicted = self.evict(score, 1)
             self.requantize(score, evicted)
         else:  # also after several tokens at once (a text fed in chunks, a question after its context):
             self.rebuild(score)  # more tokens than the in-place move handles can leave the Original budget

@@ -57,7 +57,7 @@ class H2OLayer(SlotLayer):
     def after_decode(self, query: torch.Tensor, probs: torch.Tensor) -> None:
         self.add(probs)
         if self.evicting:
-            self.acc.masked_fill_(self.evict(self.acc), 0.0)
+            self.acc.masked_fill_(self.evict(self.acc, query.shape[2]), 0.0)
 
 
 class H2OCache(BenchCache):

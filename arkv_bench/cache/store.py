@@ -307,16 +307,20 @@ class SlotLayer(TokenLayer):
             return max(kept, min(self.cache_size, kept + self.reserve) if self.reserve else self.cache_size) + 1
         return kept + (self.reserve or GROW) + 1
 
-    def evict(self, score: torch.Tensor) -> torch.Tensor:
-        """Keep the `cache_size - slack` best slots of [Original, Quantized]: the others become empty.
+    def evict(self, score: torch.Tensor, q: int) -> torch.Tensor:
+        """After a forward of q tokens, keep the `cache_size - slack` best slots of [Original, Quantized]:
+        the lowest-scored live, unprotected slots become empty. Returns the evicted mask [B, H, N].
 
-        `score` [B, H, N] is per slot; the window is protected and empty or padding slots go first.
-        Returns the evicted mask [B, H, N]."""
+        `score` [B, H, N] is per slot. Before the forward a row held at most `cache_size` tokens, so at
+        most slack + q leave: the victims are the slack + q lowest (one argmin at slack 0), of which
+        each row evicts as many as it holds over the budget (rows with fewer tokens evict none)."""
         pos_all = self.all_positions()
-        score = score.masked_fill(self.protected_t(pos_all), float("inf")).masked_fill(~self.live(pos_all), float("-inf"))
-        n_evict = pos_all.shape[-1] - (self.cache_size - self.slack)
-        victims = lowest(score, n_evict)
-        return self.empty_slots(torch.zeros_like(pos_all, dtype=torch.bool).scatter_(-1, victims, True))
+        live = self.live(pos_all)
+        over = (live.sum(dim=-1, keepdim=True) - (self.cache_size - self.slack)).clamp_min(0)
+        m = min(self.slack + q, pos_all.shape[-1])
+        victims = lowest(score.masked_fill(self.protected_t(pos_all) | ~live, float("inf")), m)
+        chosen = torch.arange(m, device=victims.device) < over
+        return self.empty_slots(torch.zeros_like(live).scatter_(-1, victims, chosen))
 
     def empty_slots(self, evicted: torch.Tensor) -> torch.Tensor:
         """Mark the slots of [Original, Quantized] in `evicted` [B, H, N] empty; returns it."""
@@ -417,7 +421,7 @@ class SlotLayer(TokenLayer):
     def after_decode(self, query: torch.Tensor, probs: torch.Tensor) -> None:
         """Method hook after a decode forward's attention: evict by `decode_score` when over budget."""
         if self.evicting:
-            self.evict(self.decode_score(probs))
+            self.evict(self.decode_score(probs), query.shape[2])
 
     def decode_score(self, probs: torch.Tensor) -> torch.Tensor:
         """Method hook: the score [B, Hkv, N] of every slot (higher = keep)."""
