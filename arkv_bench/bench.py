@@ -5,6 +5,11 @@ depend on content), one untimed warm-up at its exact shapes, then one timed gene
 `new_tokens` tokens with EOS ignored, so every method decodes as many tokens as the others.
 Every figure is also a ratio to `full` and to `full-static` of the same cell, measured in the
 same process. What a CPU cannot give (peak memory, the HBM-bandwidth ideal step) stays empty.
+
+`bounded-static` is a baseline, not a method: `full-static` fed only the prompt's last `cache_size`
+tokens, so it decodes over `cache_size + new_tokens` plain static slots with no scoring and no
+quantization: the speed a cache of that budget can reach on this card, which the budgeted methods
+are compared with (its prefill and KV columns are those of the cut prompt).
 """
 
 from __future__ import annotations
@@ -49,10 +54,11 @@ RANDOM_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
         num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096)),
 }
 BASELINES = ("full", "full-static")  # every ratio is to one of these, or to the faster ("best full")
+BOUNDED = "bounded-static"  # full-static over the prompt's last cache_size tokens (module docstring)
 MAX_BATCH_LIMIT = 1024  # --find-max-batch stops doubling here
 RATIO_FIGURES = ("batch_size", "prefill_ms", "step_ms_p50", "step_ms_p99", "decode_tok_s", "kv_bytes",
                  "peak_above_weights_bytes")
-RATIO_BASES = (("full", "full"), ("full_static", "full-static"), ("best_full", None))
+RATIO_BASES = (("full", "full"), ("full_static", "full-static"), ("best_full", None), ("bounded_static", BOUNDED))
 BENCH_COLUMNS = ["kind", "context_length", "batch_size", "method", "cache_size", "window_size", "status",
                  "prefill_ms", "ttft_ms", "step_ms_p50", "step_ms_p99", "decode_steps", "decode_tok_s", "kv_bytes",
                  "kv_bytes_full", "weights_bytes", "read_bytes_per_step", "peak_bytes", "peak_above_weights_bytes",
@@ -157,9 +163,9 @@ def check(opts: BenchOptions) -> list[str]:
     # a whole config (head sizes and all), so a method that sizes its store when built can be built here too
     config = arch_config(opts.random_arch) if opts.random_arch else transformers.LlamaConfig(num_hidden_layers=1)
     for spec in method_specs(opts):
-        name, options = parse_method(spec)
+        name, options, _ = spec_method(spec, opts)
         try:
-            make_cache(name, config, **cache_options(opts, name, options))
+            make_cache(name, config, **options)
         except ValueError as e:
             raise UsageError(f"{spec}: {e}") from e
     if opts.random_arch:
@@ -171,6 +177,14 @@ def check(opts: BenchOptions) -> list[str]:
     if "full-static" not in METHODS:
         notes.append("full-static is not in this version's methods: not run, its ratio columns are empty")
     return notes
+
+
+def spec_method(spec: str, opts: BenchOptions) -> tuple[str, dict[str, Any], int | None]:
+    """(method, its options, the prompt tokens it is fed: None = all) of a method spec or of BOUNDED."""
+    if spec == BOUNDED:
+        return "full-static", {}, opts.cache_size
+    name, options = parse_method(spec)
+    return name, cache_options(opts, name, options), None
 
 
 def check_positions(opts: BenchOptions, model: str, positions: int | None) -> None:
@@ -192,8 +206,8 @@ def cache_options(opts: BenchOptions, name: str, extra: dict[str, Any]) -> dict[
 
 def method_specs(opts: BenchOptions) -> list[str]:
     """The baselines that exist in this version first (every ratio needs them), then the asked methods."""
-    baselines = [b for b in BASELINES if b in METHODS]
-    return baselines + [m for m in dict.fromkeys(opts.methods) if m not in baselines and m not in BASELINES]
+    baselines = [b for b in BASELINES if b in METHODS] + ([BOUNDED] if "full-static" in METHODS else [])
+    return baselines + [m for m in dict.fromkeys(opts.methods) if m not in baselines and m not in (*BASELINES, BOUNDED)]
 
 
 # --- model and hardware ------------------------------------------------------------------------------
@@ -321,13 +335,12 @@ class Bench:
 
     def measure(self, spec: str, batch: int, context: int, kind: str = "cell") -> dict[str, Any]:
         """One cell: an untimed warm-up, then a timed generation; an out-of-memory gives an `oom` row."""
-        name, extra = parse_method(spec)
-        options = cache_options(self.opts, name, extra)
+        name, options, tokens = spec_method(spec, self.opts)
         row: dict[str, Any] = {"kind": kind, "context_length": context, "batch_size": batch, "method": spec,
-                               "cache_size": options.get("cache_size") if METHODS[name].budgeted else None,
+                               "cache_size": options.get("cache_size") if METHODS[name].budgeted else tokens,
                                "window_size": options.get("window_size"), "status": "oom"}
         device = self.model.device
-        ids = self._ids(batch, context)
+        ids = self._ids(batch, context)[:, -(tokens or context):]
 
         def timed() -> tuple[Any, int | None, int | None]:
             self._generate(name, options, ids)  # warm-up at the cell's exact shapes
@@ -349,9 +362,9 @@ class Bench:
         """Whether a batch runs at all: its prefill and a first decode step (the peak of every method is in
         its prefill or its first steps), eagerly (a captured step would compile for every batch size tried),
         without the warm-up and timing of a measured cell."""
-        name, extra = parse_method(spec)
-        ok = _unless_oom(lambda: self._generate(name, cache_options(self.opts, name, extra), self._ids(batch, context),
-                                                new_tokens=2, eager=True)) is not None
+        name, options, tokens = spec_method(spec, self.opts)
+        ids = self._ids(batch, context)[:, -(tokens or context):]
+        ok = _unless_oom(lambda: self._generate(name, options, ids, new_tokens=2, eager=True)) is not None
         _free(self.model.device)
         return ok
 
@@ -515,7 +528,7 @@ def run_bench(model: torch.nn.Module, info: dict[str, Any], opts: BenchOptions, 
         _write(folder, rows, info)  # after every cell: a crash keeps what was measured
     if opts.find_max_batch:
         for context in opts.context_lengths:
-            for spec in method_specs(opts):
+            for spec in (s for s in method_specs(opts) if s != BOUNDED):  # a short prompt's batch says nothing
                 progress(f"{spec}: largest batch at {context}")
                 rows.append(bench.max_batch(spec, context))
                 _write(folder, rows, info)
@@ -528,7 +541,8 @@ TABLE_COLUMNS = (  # header, bench.csv column, format, divisor
     ("prefill ms", "prefill_ms", "{:.1f}", 1), ("step p50 ms", "step_ms_p50", "{:.2f}", 1),
     ("step p99 ms", "step_ms_p99", "{:.2f}", 1), ("tok/s", "decode_tok_s", "{:.1f}", 1),
     ("×full", "decode_tok_s_x_full", "{:.2f}", 1), ("×full-static", "decode_tok_s_x_full_static", "{:.2f}", 1),
-    ("×best full", "decode_tok_s_x_best_full", "{:.2f}", 1), ("KV MiB", "kv_bytes", "{:.1f}", 2**20),
+    ("×best full", "decode_tok_s_x_best_full", "{:.2f}", 1),
+    ("×bounded", "decode_tok_s_x_bounded_static", "{:.2f}", 1), ("KV MiB", "kv_bytes", "{:.1f}", 2**20),
     ("KV ×full", "kv_bytes_x_full", "{:.3f}", 1), ("peak>weights MiB", "peak_above_weights_bytes", "{:.0f}", 2**20),
     ("peak ×full", "peak_above_weights_bytes_x_full", "{:.3f}", 1), ("ideal ms", "ideal_step_ms", "{:.2f}", 1),
     ("step/ideal", "step_over_ideal", "{:.2f}", 1),

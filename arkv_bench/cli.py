@@ -415,7 +415,8 @@ def bench_command(
     out_dir: Path = typer.Option(Path("results"), "--out", help="results folder"),
     run_name: Optional[str] = typer.Option(None, help="subfolder name (default: derived from the options)"),
 ) -> None:
-    """Speed and memory of each method against full and full-static, per batch size and context length."""
+    """Speed and memory of each method against full, full-static and a bounded static cache, per batch size and
+    context length."""
     from arkv_bench import bench
     from arkv_bench.models import ModelError
     from arkv_bench.options import split_list

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from arkv_bench.bench import BASELINES, RATIO_FIGURES, largest_fitting
+from arkv_bench.bench import BASELINES, BOUNDED, RATIO_FIGURES, largest_fitting
 from arkv_bench.cache import METHODS
 from arkv_bench.cli import app
 from arkv_bench.compare import compare
@@ -44,14 +44,16 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_row_per_method_and_batch_with_every_token_decoded(folder: Path) -> None:
     rows = read_csv(folder / "bench.csv")
-    methods = [b for b in BASELINES if b in METHODS] + ["mix", "window"]
+    methods = [b for b in BASELINES if b in METHODS] + [BOUNDED, "mix", "window"]
     assert [(r["method"], int(r["batch_size"])) for r in rows] == [(m, b) for b in BATCHES for m in methods]
     for r in rows:
         assert r["status"] == "ok" and int(r["context_length"]) == CONTEXT
         assert int(r["decode_steps"]) == NEW_TOKENS - 1  # EOS ignored: every method decodes alike
         assert float(r["decode_tok_s"]) > 0 and float(r["prefill_ms"]) > 0
-        # K and V of 2 layers x 2 KV heads x 16 dims in fp32, for every token the cache saw (the last one is not fed)
-        assert int(r["kv_bytes_full"]) == 2 * 2 * 2 * 16 * 4 * (CONTEXT + NEW_TOKENS - 1) * int(r["batch_size"])
+        # K and V of 2 layers x 2 KV heads x 16 dims in fp32, for every token the cache saw (the last one is not fed);
+        # the bounded baseline saw only the prompt's last cache_size (24) tokens
+        seen = (24 if r["method"] == BOUNDED else CONTEXT) + NEW_TOKENS - 1
+        assert int(r["kv_bytes_full"]) == 2 * 2 * 2 * 16 * 4 * seen * int(r["batch_size"])
         compressed = r["method"] in ("mix", "window")
         assert (int(r["kv_bytes"]) < int(r["kv_bytes_full"])) == compressed
 
@@ -62,11 +64,13 @@ def test_ratios_are_the_division_of_the_measured_columns(folder: Path) -> None:
         cell = {r["method"]: r for r in rows if int(r["batch_size"]) == batch}
         full = cell["full"]
         static = cell.get("full-static")
+        bounded = cell.get(BOUNDED)
         best = max([full] + ([static] if static else []), key=lambda r: float(r["decode_tok_s"]))
         for r in cell.values():
             assert r["best_full"] == best["method"]
             for figure in RATIO_FIGURES:
-                for suffix, base in (("full", full), ("full_static", static), ("best_full", best)):
+                for suffix, base in (("full", full), ("full_static", static), ("best_full", best),
+                                     ("bounded_static", bounded)):
                     value = r[f"{figure}_x_{suffix}"]
                     if base is None or not r[figure]:  # not measured (full-static absent, or a GPU-only figure)
                         assert value == ""
