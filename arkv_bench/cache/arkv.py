@@ -174,12 +174,12 @@ class ArkvCache(BenchCache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer_idx == 0:
+        if layer_idx == 0 and self.layer_class.quantize:
             self._assign_origin_budgets()
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def plan(self, q: int) -> tuple | None:
-        if self.layers[0].origin_budget is None:
+        if self.layer_class.quantize and self.layers[0].origin_budget is None:
             return None  # the next forward assigns the Original budgets (host work, once): eagerly
         return super().plan(q)
 
@@ -199,6 +199,7 @@ class ArkvCache(BenchCache):
             layer.origin_range = (low, high)
 
     def layer_extra(self, layer_idx: int) -> dict[str, Any]:
+        self._assign_origin_budgets()  # `origin` has no use for the budgets while decoding: its ratios come here
         layer = self.layers[layer_idx]
         return {"oq_score": None if layer.oq is None else layer.oq.mean().item(),
                 "oq_ratio": None if layer.ratio is None else layer.ratio.mean().item()}
@@ -211,7 +212,8 @@ class OriginLayer(ArkvLayer):
 
 
 class OriginCache(ArkvCache):
-    """`origin`: ARKV's scoring with eviction only; every kept token stays at full precision."""
+    """`origin`: ARKV's scoring with eviction only; every kept token stays at full precision. Its decode
+    steps need no Original budgets (so none is eager for them): the OQ ratios are assigned for the stats."""
 
     method = "origin"
     layer_class = OriginLayer
