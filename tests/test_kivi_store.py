@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 import torch
 
-from arkv_bench.cache import make_cache
+from arkv_bench.cache import kivi, make_cache
 from arkv_bench.cache.base import BenchCache, TokenLayer, tensor_bytes
 from arkv_bench.cache.quantize import INT_BITS, int_dequantize, int_quantize, pack, unpack
 from arkv_bench.generation import Decoder, extend, greedy_generate, left_pad, prefill
 from arkv_bench.shared_prefill import generate_from, record_prompt
-from tests.conftest import DEVICE, prompt_ids
+from tests.conftest import DEVICE, prompt_ids, tiny_model
 
 
 # --- the reference: kivi as it was before the slot store (do not edit) ------------------------------------
@@ -234,7 +234,8 @@ def test_empty_slots_are_never_attended(llama):
 
 
 def test_every_byte_is_counted(llama):
-    """kv_bytes: the packed codes, float32 scales and zeros, positions and the residual, all of their slots."""
+    """kv_bytes: the packed codes, scales and zeros (float32 in a float32 model), positions and the residual,
+    all of their slots."""
     group, residual, bits = 8, 16, 2
     cache = make_cache("kivi", llama.config, bits=bits, group_size=group, residual_length=residual)
     ids, mask = batch()
@@ -260,6 +261,74 @@ def test_a_shared_prompt_record_decodes_as_a_separate_run(llama):
     assert shared.stats == separate.stats
 
 
+@pytest.fixture(scope="module")
+def bf16_llama() -> torch.nn.Module:
+    return tiny_model("llama").to(torch.bfloat16)
+
+
+def float32_scales(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From here on, kivi stores scales and zeros in float32 whatever the model's dtype (as it used to)."""
+    monkeypatch.setattr(kivi, "scale_dtype", lambda model_dtype: torch.float32)
+
+
+SCALES = ("k_scale", "k_zero", "v_scale", "v_zero")
+
+
+def test_bf16_scales_and_zeros_are_float16_and_their_bytes_halve(bf16_llama, monkeypatch):
+    """In a bf16 model the store's scales and zeros are float16: kv_bytes are those of float32 storage less
+    two bytes for each of them, and still every byte the layers hold."""
+    options = {"bits": 4, "group_size": 8, "residual_length": 16}
+    ids, mask = batch()
+    half = make_cache("kivi", bf16_llama.config, **options)
+    gen = greedy_generate(bf16_llama, ids, mask, half, NEW, compile=False)
+    float32_scales(monkeypatch)  # eager steps: on CUDA the patched store would recompile inside a graph capture
+    full = make_cache("kivi", bf16_llama.config, **options)
+    gen_full = greedy_generate(bf16_llama, ids, mask, full, NEW, compile=False)
+    assert all(layer.quantized[name].dtype == torch.float16 for layer in half.layers for name in SCALES)
+    assert all(layer.quantized[name].dtype == torch.float32 for layer in full.layers for name in SCALES)
+    saved = sum(2 * layer.quantized[name].numel() for layer in half.layers for name in SCALES)
+    assert saved > 0 and gen.kv_bytes == half.kv_bytes() == gen_full.kv_bytes - saved
+    held = sum(tensor_bytes(*[t for t in vars(layer).values() if isinstance(t, torch.Tensor)],
+                            *layer.quantized.values()) for layer in half.layers)
+    assert half.kv_bytes() == held
+
+
+@pytest.mark.parametrize("bits", INT_BITS)
+def test_bf16_logits_with_16_bit_scales_stay_within_bf16_rounding_of_the_legacy_cache(bf16_llama, bits, monkeypatch):
+    """bf16, teacher-forced decode over several flushes: the prompt's scales and zeros are the float32 ones rounded
+    to float16, and the logits stay within a few bf16 ulps of the legacy cache's, as with float32 scales.
+
+    Not the greedy tokens, and not exactly: in bf16 the slot store attends in float32 over the dequantized bf16
+    view and the legacy cache in bf16 SDPA; that alone, float32 scales or not, moves this random model's small
+    logits (|x| < 1) by an ulp or two of bf16 (2^-8) and flips some near-tied greedy tokens."""
+    group = 8
+    options = {"bits": bits, "group_size": group, "residual_length": 16}
+    ids, mask = batch()
+    forced = prompt_ids(40, seed=5, batch=3)
+
+    def decode(cache: BenchCache) -> list[torch.Tensor]:
+        logits, at = [prefill(bf16_llama, ids, mask, cache)], mask
+        for i in range(forced.shape[1]):
+            step, at = extend(bf16_llama, forced[:, i:i + 1], at, cache)
+            logits.append(step)
+        return logits
+
+    half, legacy = caches(bf16_llama, **options)
+    got, want = decode(half), decode(legacy)
+    float32_scales(monkeypatch)
+    full = make_cache("kivi", bf16_llama.config, **options)
+    wide = decode(full)
+    prompt = overflow(77, group, 16)
+    for layer, ref in zip(half.layers, full.layers):
+        for name in SCALES:
+            cut = prompt // group if name.startswith("k") else prompt
+            assert torch.equal(layer.quantized[name][:, :, :cut], ref.quantized[name][:, :, :cut].half()), name
+    assert half.layers[0].quantized_t.item() - prompt >= 4 * group, "decode quantized several groups"
+    for with_half, legacy_logits, with_float32 in zip(got, want, wide):
+        torch.testing.assert_close(with_half.float(), legacy_logits.float(), atol=2 ** -6, rtol=0)
+        torch.testing.assert_close(with_float32.float(), legacy_logits.float(), atol=2 ** -6, rtol=0)
+
+
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs (ARKV_TEST_DEVICE=cuda)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_steps(dtype):
@@ -267,8 +336,6 @@ def test_cuda_graph_steps(dtype):
     eager steps' tokens; bf16 runs the Triton kernel, and two replayed runs agree. (bf16 is not compared
     with eager steps: the store methods compiled for the graphs may round a quantizer's float32 division
     an ulp away from eager, which can flip a near-tied token of this random model.)"""
-    from tests.conftest import tiny_model
-
     model = tiny_model("llama").to(dtype)
     ids, mask = batch()
     options = {"bits": 4, "group_size": 8, "residual_length": 16}

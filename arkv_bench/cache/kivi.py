@@ -15,6 +15,10 @@ the packed codes, no dequantized copy on the Triton path) and, when the residual
 its oldest whole groups in place, at positions read from the device count `quantized_t`. Whether a
 step does is known on the host (`plan`), so steps with and without that flush replay from their own
 CUDA graph.
+
+Scales and zero points are computed in float32 and stored, as KIVI stores them, in float16 for a bf16 or
+fp16 model (whose keys and values stay within float16's 65504 in practice; beyond it they would overflow)
+and in float32 for a float32 model, whose results stay exact.
 """
 
 from __future__ import annotations
@@ -29,9 +33,14 @@ from arkv_bench.cache.quantize import INT_BITS, int_quantize, pack
 from arkv_bench.cache.store import GROW, SlotLayer, fused, scatter_slots, take_or_empty, take_slots
 
 
+def scale_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the packed store's scales and zero points for a model of `model_dtype`."""
+    return torch.float16 if model_dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
 class KiviLayer(SlotLayer):
     """The packed store `quantized`: codes "k", "v" [B, H, C_q, D*bits/8] (uint8), key scale/zero
-    [B, H, C_q/G, D], value scale/zero [B, H, C_q, D/G] (float32), positions `pos_q` [B, H, C_q]
+    [B, H, C_q/G, D], value scale/zero [B, H, C_q, D/G] (`scale_dtype`), positions `pos_q` [B, H, C_q]
     (slot p holds token p; -1 until it is quantized). The residual is the Original store."""
 
     decode_evicts = False
@@ -50,13 +59,16 @@ class KiviLayer(SlotLayer):
         super().lazy_initialization(key_states, value_states)
 
     def _quantize(self, keys: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Whole groups of tokens [B, H, m, D] (m a multiple of G) -> packed codes, scales and zeros."""
+        """Whole groups of tokens [B, H, m, D] (m a multiple of G) -> packed codes, and scales and zeros
+        (computed in float32, stored in `scale_dtype`)."""
         b, h, m, d = keys.shape
-        g = self.group
+        g, dtype = self.group, scale_dtype(keys.dtype)
         kc, ks, kz = int_quantize(keys.view(b, h, m // g, g, d), self.bits, dim=3)
         vc, vs, vz = int_quantize(values.view(b, h, m, d // g, g), self.bits, dim=4)
-        return {"k": pack(kc.view(b, h, m, d), self.bits), "k_scale": ks.squeeze(3), "k_zero": kz.squeeze(3),
-                "v": pack(vc.view(b, h, m, d), self.bits), "v_scale": vs.squeeze(4), "v_zero": vz.squeeze(4)}
+        return {"k": pack(kc.view(b, h, m, d), self.bits),
+                "k_scale": ks.squeeze(3).to(dtype), "k_zero": kz.squeeze(3).to(dtype),
+                "v": pack(vc.view(b, h, m, d), self.bits),
+                "v_scale": vs.squeeze(4).to(dtype), "v_zero": vz.squeeze(4).to(dtype)}
 
     # --- how many tokens are quantized, known on the host --------------------------------------
     def overflow(self, held: int) -> int:
@@ -75,8 +87,9 @@ class KiviLayer(SlotLayer):
         g, device = self.group, self.keys.device
         shapes = {"k": (capacity, d * self.bits // 8), "k_scale": (capacity // g, d), "k_zero": (capacity // g, d),
                   "v": (capacity, d * self.bits // 8), "v_scale": (capacity, d // g), "v_zero": (capacity, d // g)}
-        store = {name: torch.zeros(b, h, *shape, dtype=torch.uint8 if name in ("k", "v") else torch.float32,
-                                   device=device) for name, shape in shapes.items()}
+        scales = scale_dtype(self.keys.dtype)
+        store = {name: torch.zeros(b, h, *shape, dtype=torch.uint8 if name in ("k", "v") else scales, device=device)
+                 for name, shape in shapes.items()}
         return store, torch.full((b, h, capacity), -1, dtype=torch.int32, device=device)
 
     def end_prefill(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:

@@ -7,8 +7,9 @@ Two formats:
 - Asymmetric integer (2 or 4 bits) with a scale and a zero point per group, as KIVI:
   codes are packed several to a byte, so 4-bit costs half a byte per value.
 
-Scales and zero points are float32: they are a small share of the bytes and keep the
-round-trip error within the format's own bound.
+Scales and zero points are computed in float32, which keeps the round-trip error within the
+format's own bound; KIVI stores its integer ones in float16 for a bf16/fp16 model (`kivi.scale_dtype`),
+and dequantization computes in float32 from whichever is stored.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ def int_quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, to
 
 
 def int_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of `int_quantize` (codes unpacked)."""
-    return (codes.float() * scale + zero).to(dtype)
+    """Inverse of `int_quantize` (codes unpacked), in float32 from float32 or 16-bit scale and zero."""
+    return (codes.float() * scale.float() + zero.float()).to(dtype)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:

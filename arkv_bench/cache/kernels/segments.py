@@ -3,17 +3,18 @@
 A layer is a list of `Segment`s. Each holds `C` slots per (row, KV head) with a position
 tensor beside them (`pos` [B, Hkv, C] int32, -1 = empty) and keys and values stored as `Codes`:
 
-| codes | `data` | `scale` / `zero` (float32) |
+| codes | `data` | `scale` / `zero` |
 | --- | --- | --- |
 | model dtype (bits 16) | [B, Hkv, C, D] bf16/fp16 | none |
-| FP8 e4m3 (bits 8) | [B, Hkv, C, D] float8_e4m3fn | scale [B, Hkv, C] or [B, Hkv, C, 1]; no zero |
-| int4 / int2 | [B, Hkv, C, D * bits / 8] uint8, `pack`ed | [B, Hkv, C / tg, D / cg] each |
+| FP8 e4m3 (bits 8) | [B, Hkv, C, D] float8_e4m3fn | float32 scale [B, Hkv, C] or [B, Hkv, C, 1]; no zero |
+| int4 / int2 | [B, Hkv, C, D * bits / 8] uint8, `pack`ed | [B, Hkv, C / tg, D / cg] each, float32 or float16 |
 
 An integer code's scale and zero point are shared by a block of `tg` slots x `cg` channels,
 read off the scale's shape: KIVI's keys (per channel, over groups of G slots) have tg = G,
 cg = 1; KIVI's values and AKV's tiers (per slot, over groups of G channels) tg = 1, cg = G.
-Dequantized, a value is `code * scale + zero`, rounded to the model's dtype, exactly as
-`quantize.fp8_dequantize` / `int_dequantize` do, so the kernel sees what today's caches attend.
+Dequantized, a value is `code * scale + zero` computed in float32 (from 16-bit scales and zeros too:
+KIVI's store of a bf16/fp16 model), rounded to the model's dtype, exactly as `quantize.fp8_dequantize` /
+`int_dequantize` do, so the kernel sees what today's caches attend.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from arkv_bench.cache.quantize import FP8_DTYPE, INT_BITS, unpack
 
 MODEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SCALE_DTYPES = (torch.float32, torch.float16)  # int codes' scales and zeros (float16: KIVI in a bf16/fp16 model)
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,9 @@ class Codes:
             raise ValueError(f"{self.bits}-bit codes need a scale")
         if self.bits in INT_BITS and self.zero is None:
             raise ValueError(f"int{self.bits} codes need a zero point")
+        if self.bits in INT_BITS and {self.scale.dtype, self.zero.dtype} - set(SCALE_DTYPES):
+            raise ValueError(f"int{self.bits} scales and zero points are float32 or float16, got {self.scale.dtype}"
+                             f" and {self.zero.dtype}")
         if self.scale is not None:
             tg, cg = self.groups
             if tg * self.scale.shape[2] != self.slots or cg * self.scale.shape[3] != self.head_dim:
@@ -75,9 +80,9 @@ class Codes:
         b, h, c, d = codes.shape
         tg, cg = self.groups
         blocks = codes.float().view(b, h, c // tg, tg, d // cg, cg)
-        x = blocks * self.scale.view(b, h, c // tg, 1, d // cg, 1)
+        x = blocks * self.scale.float().view(b, h, c // tg, 1, d // cg, 1)
         if self.zero is not None:
-            x = x + self.zero.view(b, h, c // tg, 1, d // cg, 1)
+            x = x + self.zero.float().view(b, h, c // tg, 1, d // cg, 1)
         return x.view(b, h, c, d).to(dtype)
 
 
