@@ -42,6 +42,7 @@ def decode_steps(model, cache, ids, mask, steps):
     yield decoder
     for _ in range(steps):
         decoder.step()
+        cache.settle()  # what the cache does before anything reads the stores (mix's first event rebuilds here)
         yield decoder
 
 
@@ -132,14 +133,23 @@ def test_full_static_equals_full(llama):
 
 
 @pytest.mark.parametrize("label", ["mix", "origin"])
-def test_only_mix_runs_the_step_that_assigns_arkv_budgets_eagerly(llama, label):
-    """ARKV's Original budgets need every layer's OQ score, so mix's first decoding forward assigns them on
-    the host: that step must not be replayed from a graph (its plan is None), the later ones may. origin
-    never uses the budgets while decoding: every step may replay, and its stats still give the OQ ratios."""
+def test_every_arkv_decode_step_may_replay(llama, label):
+    """ARKV's Original budgets need every layer's OQ score: mix's plan of its first decoding forward assigns
+    them on the host (before the forward, not inside it); that forward's quantization event only scores,
+    and its rebuild waits for settle(), so every step has a plan (may replay from a graph). origin never
+    uses the budgets while decoding; its stats still give the OQ ratios."""
     ids = prompt_ids(100)
     cache = build(label, llama)
-    plans = [cache.plan(1) for _ in decode_steps(llama, cache, ids, torch.ones_like(ids), 2)]
-    assert (plans[0] is None) == (label == "mix") and plans[2] is not None
+    cache.reserve(ids.shape[1], 3)
+    first = prefill(llama, ids, torch.ones_like(ids), cache).argmax(-1)
+    decoder = Decoder(llama, cache, first, torch.ones_like(ids), torch.tensor([], dtype=torch.long, device=DEVICE),
+                      3, graphs=False)
+    assert cache.plan(1) is not None
+    assert (cache.layers[0].origin_budget is not None) == (label == "mix")
+    decoder.step()
+    assert all((layer.first_score is not None) == (label == "mix") for layer in cache.layers)
+    assert cache.plan(1) is not None  # settles first
+    assert all(layer.first_score is None and layer.quantizing == (label == "mix") for layer in cache.layers)
     assert all(layer["oq_ratio"] is not None for layer in cache.stats()["layers"])
 
 

@@ -19,9 +19,11 @@ rescoring and eviction happen every slack + 1 steps; the budget still holds afte
 Storage (store.py): Original slots in the model's dtype and Quantized slots as FP8 codes
 with one float32 scale per token and head, each with its positions. Attention runs over both
 at once (section 4: the order of keys does not matter, their RoPE positions are the true
-ones). The first quantization event moves many tokens at once and sizes the Quantized store;
-after it, each event evicts in place and quantizes only the (at most slack + 1) tokens that
-fall out of the Original budget, so the step can be replayed from a CUDA graph.
+ones). The first quantization event moves many tokens at once and sizes the Quantized store: its
+forward only scores, and the rebuild runs on the host before anything reads the stores again
+(`settle`), so that forward has fixed shapes too. After it, each event evicts in place and
+quantizes only the (at most slack + 1) tokens that fall out of the Original budget. Every decode
+step can therefore be replayed from a CUDA graph.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class ArkvLayer(HeadBudgets, SlotLayer):
         self.origin_range = (0, 0)  # (min, max) of origin_budget over rows: they size the stores
         self.quantizing = False  # the Quantized store exists: events run in place
         self.held_o = 0  # Original slots in use per (row, head) once quantizing, an upper bound
+        self.first_score: torch.Tensor | None = None  # the first quantization event's score, until settle()
 
     # --- prefill (sections 1 and 2) ------------------------------------------------------------
     def end_prefill(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
@@ -91,9 +94,21 @@ class ArkvLayer(HeadBudgets, SlotLayer):
         return rank_by_position(score, pos) if self.pooling == "max" else score
 
     def plan(self, q: int) -> tuple | None:
-        if self.quantize and not self.quantizing and self.will_evict(q):
-            return None  # the first quantization event: eager, it sizes the Quantized store
+        if self.quantize and not self.quantizing and self.will_evict(q) and not self.defers_first_event(q):
+            return None  # a quantization event that reallocates the stores inside the forward: eager
         return super().plan(q)
+
+    def defers_first_event(self, q: int) -> bool:
+        """Whether the first quantization event of a forward of q tokens leaves its rebuild to `settle`: then
+        the forward itself has fixed shapes (it scores, nothing moves) and may be replayed from a graph."""
+        return self.origin_budget is not None and self.head_budget == "uniform" and q == 1
+
+    def settle(self) -> None:
+        """The first quantization event's rebuild, on the host, before anything else reads the stores: it
+        moves what the event's forward scored exactly as if it had run at the end of that forward."""
+        if self.first_score is not None:
+            score, self.first_score = self.first_score, None
+            self.rebuild(score)
 
     def held_original(self) -> int:
         return self.held_o if self.quantizing else super().held_original()
@@ -115,6 +130,8 @@ class ArkvLayer(HeadBudgets, SlotLayer):
         elif self.quantizing and self.head_budget == "uniform" and query.shape[2] == 1:
             evicted = self.evict(score, 1)
             self.requantize(score, evicted)
+        elif not self.quantizing and self.defers_first_event(query.shape[2]):
+            self.first_score = score  # settle() rebuilds the stores before the next forward
         else:  # also after several tokens at once (a text fed in chunks, a question after its context):
             self.rebuild(score)  # more tokens than the in-place move handles can leave the Original budget
 
@@ -179,8 +196,10 @@ class ArkvCache(BenchCache):
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def plan(self, q: int) -> tuple | None:
-        if self.layer_class.quantize and self.layers[0].origin_budget is None:
-            return None  # the next forward assigns the Original budgets (host work, once): eagerly
+        if self.layer_class.quantize:
+            self._assign_origin_budgets()  # on the host before the forward (one sync, once), not inside it
+            if self.layers[0].origin_budget is None:
+                return None
         return super().plan(q)
 
     def _assign_origin_budgets(self) -> None:

@@ -342,6 +342,7 @@ class BenchCache(Cache):
     def plan(self, q: int) -> tuple | None:
         """A key for the next decode forward of q tokens (same key: same shapes and work, so one captured
         CUDA graph serves it), or None when it must run eagerly. Known on the host, without a sync."""
+        self.settle()
         keys = [layer.plan(q) if hasattr(layer, "plan") else None for layer in self.layers]
         if any(key is None for key in keys):
             return None
@@ -357,8 +358,15 @@ class BenchCache(Cache):
         for layer in self.layers:
             layer.advance(q)
 
+    def settle(self) -> None:
+        """Host work the last forward left to its layers (a slot store's `settle`), done now."""
+        for layer in self.layers:
+            if hasattr(layer, "settle"):
+                layer.settle()
+
     def kv_bytes(self) -> int:
         """Bytes of every tensor held: values, scales, zero points, positions."""
+        self.settle()
         return sum(layer.nbytes() for layer in self.layers)
 
     def host_bytes(self) -> int:
@@ -385,6 +393,7 @@ class BenchCache(Cache):
         return {}
 
     def stats(self) -> dict[str, Any]:
+        self.settle()
         layers = [{"layer": i, **layer.counts(), **self.layer_extra(i)} for i, layer in enumerate(self.layers)]
         return {"method": self.method, "compressed": self.compressed, "kv_bytes": self.kv_bytes(),
                 "kv_bytes_full": self.full_kv_bytes(), "layers": layers}

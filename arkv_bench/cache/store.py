@@ -216,6 +216,7 @@ class SlotLayer(TokenLayer):
         if not self.stored:
             self.append(key_states, value_states)
             return self.keys, self.values
+        self.settle()  # a forward without cache.plan before it (extend, lm-eval): the host work left is done here
         q = key_states.shape[2]
         if self.plan(q) is None:
             self.make_room(q)
@@ -227,6 +228,10 @@ class SlotLayer(TokenLayer):
         if self.stored:  # the layer masks by position itself: the model's mask is not used
             return query_length, self.seen
         return super().get_mask_sizes(query_length)
+
+    def settle(self) -> None:
+        """Method hook: host work the last forward left for before anything reads the stores again (ARKV's
+        first quantization event). The cache runs it before planning a step and before accounting."""
 
     # --- host-side plan of a decode forward -------------------------------------------------
     def original_room(self) -> int:
