@@ -132,6 +132,21 @@ def test_full_static_equals_full(llama):
     assert static.tokens == full.tokens
 
 
+@pytest.mark.parametrize("label", ["mix", "mix-slack", "h2o", "window", "snapkv-decode"])
+def test_a_row_under_budget_evicts_nothing_while_its_batch_mate_evicts(llama, label):
+    """Eviction takes, per row, only what the row holds over the budget: in a padded batch, a 30-token row
+    keeps every token it sees while the 150-token row is held to the budget."""
+    rows = [prompt_ids(n, seed=60 + i)[0].tolist() for i, n in enumerate([150, 30])]
+    ids, mask = left_pad(rows, 0, DEVICE)
+    cache = build(label, llama)
+    for _ in decode_steps(llama, cache, ids, mask, 12):
+        for layer in cache.layers:
+            long_row, short_row = (positions(layer)[i * layer.pos.shape[1]] for i in range(2))
+            assert long_row.numel() <= C and layer.triggered
+            seen_short = torch.arange(150 - 30, layer.seen, dtype=torch.int32, device=DEVICE)
+            assert torch.equal(short_row.sort().values, seen_short), "the short row lost a token"
+
+
 @pytest.mark.parametrize("label", ["mix", "origin"])
 def test_every_arkv_decode_step_may_replay(llama, label):
     """ARKV's Original budgets need every layer's OQ score: mix's plan of its first decoding forward assigns
