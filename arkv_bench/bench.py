@@ -56,11 +56,11 @@ RANDOM_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
 BASELINES = ("full", "full-static")  # every ratio is to one of these, or to the faster ("best full")
 BOUNDED = "bounded-static"  # full-static over the prompt's last cache_size tokens (module docstring)
 MAX_BATCH_LIMIT = 1024  # --find-max-batch stops doubling here
-RATIO_FIGURES = ("batch_size", "prefill_ms", "step_ms_p50", "step_ms_p99", "decode_tok_s", "kv_bytes",
+RATIO_FIGURES = ("batch_size", "prefill_ms", "step_ms_p50", "step_ms_p99", "decode_tok_s", "steady_tok_s", "kv_bytes",
                  "peak_above_weights_bytes")
 RATIO_BASES = (("full", "full"), ("full_static", "full-static"), ("best_full", None), ("bounded_static", BOUNDED))
 BENCH_COLUMNS = ["kind", "context_length", "batch_size", "method", "cache_size", "window_size", "status",
-                 "prefill_ms", "ttft_ms", "step_ms_p50", "step_ms_p99", "decode_steps", "decode_tok_s", "kv_bytes",
+                 "prefill_ms", "ttft_ms", "step_ms_p50", "step_ms_p99", "decode_steps", "decode_tok_s", "steady_tok_s", "kv_bytes",
                  "kv_bytes_full", "weights_bytes", "read_bytes_per_step", "peak_bytes", "peak_above_weights_bytes",
                  "ideal_step_ms", "step_over_ideal", "best_full"] + [
     f"{figure}_x_{suffix}" for figure in RATIO_FIGURES for suffix, _ in RATIO_BASES]
@@ -391,7 +391,8 @@ class Bench:
         evicted, quantized = evicted_quantized(per_layer) if per_layer else (None, None)
         return {"status": "ok", "prefill_ms": 1000 * gen.prefill_s, "ttft_ms": 1000 * gen.ttft_s,
                 "step_ms_p50": p50, "step_ms_p99": _quantile(steps, 0.99), "decode_steps": len(steps),
-                "decode_tok_s": batch * len(steps) / (sum(steps) / 1000), "kv_bytes": gen.kv_bytes,
+                "decode_tok_s": batch * len(steps) / (sum(steps) / 1000), "steady_tok_s": batch * 1000 / p50,
+                "kv_bytes": gen.kv_bytes,
                 "kv_bytes_full": gen.kv_bytes_full, "host_bytes": gen.host_bytes, "weights_bytes": self.weights,
                 "read_bytes_per_step": read, "peak_bytes": peak,
                 "peak_above_weights_bytes": None if peak is None else peak - before,
@@ -542,7 +543,8 @@ TABLE_COLUMNS = (  # header, bench.csv column, format, divisor
     ("step p99 ms", "step_ms_p99", "{:.2f}", 1), ("tok/s", "decode_tok_s", "{:.1f}", 1),
     ("×full", "decode_tok_s_x_full", "{:.2f}", 1), ("×full-static", "decode_tok_s_x_full_static", "{:.2f}", 1),
     ("×best full", "decode_tok_s_x_best_full", "{:.2f}", 1),
-    ("×bounded", "decode_tok_s_x_bounded_static", "{:.2f}", 1), ("KV MiB", "kv_bytes", "{:.1f}", 2**20),
+    ("×bounded", "decode_tok_s_x_bounded_static", "{:.2f}", 1),
+    ("p50 ×best full", "steady_tok_s_x_best_full", "{:.2f}", 1), ("KV MiB", "kv_bytes", "{:.1f}", 2**20),
     ("KV ×full", "kv_bytes_x_full", "{:.3f}", 1), ("peak>weights MiB", "peak_above_weights_bytes", "{:.0f}", 2**20),
     ("peak ×full", "peak_above_weights_bytes_x_full", "{:.3f}", 1), ("ideal ms", "ideal_step_ms", "{:.2f}", 1),
     ("step/ideal", "step_over_ideal", "{:.2f}", 1),

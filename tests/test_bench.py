@@ -50,6 +50,7 @@ def test_a_row_per_method_and_batch_with_every_token_decoded(folder: Path) -> No
         assert r["status"] == "ok" and int(r["context_length"]) == CONTEXT
         assert int(r["decode_steps"]) == NEW_TOKENS - 1  # EOS ignored: every method decodes alike
         assert float(r["decode_tok_s"]) > 0 and float(r["prefill_ms"]) > 0
+        assert float(r["steady_tok_s"]) == pytest.approx(int(r["batch_size"]) * 1000 / float(r["step_ms_p50"]))
         # K and V of 2 layers x 2 KV heads x 16 dims in fp32, for every token the cache saw (the last one is not fed);
         # the bounded baseline saw only the prompt's last cache_size (24) tokens
         seen = (24 if r["method"] == BOUNDED else CONTEXT) + NEW_TOKENS - 1
