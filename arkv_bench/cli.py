@@ -397,7 +397,8 @@ def tune(
 def bench_command(
     model: Optional[str] = typer.Option(None, help="Hub id, folder, .gguf file or 'smollm2-135m' (default)"),
     random_arch: Optional[str] = typer.Option(None, help="llama-3.1-8b, qwen3-8b or tiny-llama: random weights"),
-    quant_type: str = typer.Option("full,mix", help="comma list of methods, each with options if any: mix:slack=64"),
+    quant_type: str = typer.Option("full,mix", help="comma list of methods, each with options if any: mix:slack=64 "
+                                                    "(full, full-static and bounded-static always run first)"),
     batch_size: str = typer.Option("1", help="comma list of batch sizes"),
     context_lengths: str = typer.Option("8192", help="comma list of prompt lengths in tokens"),
     cache_size: int = typer.Option(2048, help="tokens per layer of the budgeted methods"),
