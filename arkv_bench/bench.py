@@ -56,13 +56,13 @@ RANDOM_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
 BASELINES = ("full", "full-static")  # every ratio is to one of these, or to the faster ("best full")
 BOUNDED = "bounded-static"  # full-static over the prompt's last cache_size tokens (module docstring)
 MAX_BATCH_LIMIT = 1024  # --find-max-batch stops doubling here
-RATIO_FIGURES = ("batch_size", "prefill_ms", "step_ms_p50", "step_ms_p99", "decode_tok_s", "steady_tok_s", "kv_bytes",
-                 "peak_above_weights_bytes")
+RATIO_FIGURES = ("batch_size", "prefill_ms", "step_ms_p50", "step_ms_p99", "decode_tok_s", "steady_tok_s",
+                 "kv_bytes", "peak_above_weights_bytes")
 RATIO_BASES = (("full", "full"), ("full_static", "full-static"), ("best_full", None), ("bounded_static", BOUNDED))
 BENCH_COLUMNS = ["kind", "context_length", "batch_size", "method", "cache_size", "window_size", "status",
-                 "prefill_ms", "ttft_ms", "step_ms_p50", "step_ms_p99", "decode_steps", "decode_tok_s", "steady_tok_s", "kv_bytes",
-                 "kv_bytes_full", "weights_bytes", "read_bytes_per_step", "peak_bytes", "peak_above_weights_bytes",
-                 "ideal_step_ms", "step_over_ideal", "best_full"] + [
+                 "prefill_ms", "ttft_ms", "step_ms_p50", "step_ms_p99", "decode_steps", "decode_tok_s", "steady_tok_s",
+                 "kv_bytes", "kv_bytes_full", "weights_bytes", "read_bytes_per_step", "peak_bytes",
+                 "peak_above_weights_bytes", "ideal_step_ms", "step_over_ideal", "best_full"] + [
     f"{figure}_x_{suffix}" for figure in RATIO_FIGURES for suffix, _ in RATIO_BASES]
 
 
