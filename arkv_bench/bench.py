@@ -340,7 +340,7 @@ class Bench:
                                "cache_size": options.get("cache_size") if METHODS[name].budgeted else tokens,
                                "window_size": options.get("window_size"), "status": "oom"}
         device = self.model.device
-        ids = self._ids(batch, context)[:, -(tokens or context):]
+        ids = self._ids(batch, context, tokens)
 
         def timed() -> tuple[Any, int | None, int | None]:
             self._generate(name, options, ids)  # warm-up at the cell's exact shapes
@@ -363,16 +363,18 @@ class Bench:
         its prefill or its first steps), eagerly (a captured step would compile for every batch size tried),
         without the warm-up and timing of a measured cell."""
         name, options, tokens = spec_method(spec, self.opts)
-        ids = self._ids(batch, context)[:, -(tokens or context):]
+        ids = self._ids(batch, context, tokens)
         ok = _unless_oom(lambda: self._generate(name, options, ids, new_tokens=2, eager=True)) is not None
         _free(self.model.device)
         return ok
 
-    def _ids(self, batch: int, context: int) -> torch.Tensor:
-        """The cell's random prompt ids (speed does not depend on content), the same for every method."""
+    def _ids(self, batch: int, context: int, tokens: int | None = None) -> torch.Tensor:
+        """The cell's random prompt ids (speed does not depend on content), the same for every method; only
+        the last `tokens` of them for a spec fed a cut prompt (spec_method)."""
         vocab = self.model.config.get_text_config().vocab_size
         generator = torch.Generator().manual_seed(self.opts.seed * 1_000_003 + context * 1009 + batch)
-        return torch.randint(min(100, vocab // 2), vocab, (batch, context), generator=generator).to(self.model.device)
+        ids = torch.randint(min(100, vocab // 2), vocab, (batch, context), generator=generator)
+        return ids[:, -(tokens or context):].to(self.model.device)
 
     def _generate(self, name: str, options: dict[str, Any], ids: torch.Tensor, new_tokens: int | None = None,
                   eager: bool = False) -> Any:

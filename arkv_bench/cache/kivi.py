@@ -164,7 +164,7 @@ class KiviLayer(SlotLayer):
         self._awaiting_attention = False
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
         q = query.shape[2]
-        q_pos = None if q == 1 else self.seen_t - q + torch.arange(q, device=query.device, dtype=torch.int32)
+        q_pos = None if q == 1 else self.query_positions(q)
         segments = [packed_int(self.quantized, self.pos_q, self.bits), original(self.keys, self.values, self.pos)]
         out, _ = decode_attention(query, segments, self.start, scaling, q_pos, backend=self.kernel_backend(query))
         if self.n_flush:

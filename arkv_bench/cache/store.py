@@ -281,7 +281,7 @@ class SlotLayer(TokenLayer):
         q = key_states.shape[2]
         self.seen_t.add_(q)
         slots = lowest(self.pos, q)
-        new_pos = (self.seen_t - q + torch.arange(q, device=self.pos.device, dtype=torch.int32)).expand_as(slots)
+        new_pos = self.query_positions(q).expand_as(slots)
         scatter_slots(self.keys, slots, key_states)
         scatter_slots(self.values, slots, value_states)
         scatter_slots(self.pos, slots, new_pos)
@@ -339,6 +339,10 @@ class SlotLayer(TokenLayer):
     def all_positions(self) -> torch.Tensor:
         return self.pos if self.pos_q is None else torch.cat([self.pos, self.pos_q], dim=2)
 
+    def query_positions(self, q: int) -> torch.Tensor:
+        """[q] int32: the true positions of this forward's q tokens, from the device count (graph-safe)."""
+        return self.seen_t - q + torch.arange(q, device=self.seen_t.device, dtype=torch.int32)
+
     def protected_t(self, pos: torch.Tensor) -> torch.Tensor:
         """The recent window, from the device's count of tokens seen (graph-safe)."""
         return pos >= self.seen_t - self.window_size
@@ -371,7 +375,7 @@ class SlotLayer(TokenLayer):
         if self.pos_q is not None:
             segments.append(fp8(self.kq, self.k_scale, self.vq, self.v_scale, self.pos_q))
         q = query.shape[2]
-        q_pos = None if q == 1 else self.seen_t - q + torch.arange(q, device=query.device, dtype=torch.int32)
+        q_pos = None if q == 1 else self.query_positions(q)
         out, probs = decode_attention(query, segments, self.start, scaling, q_pos, return_weights=self.needs_probs(),
                                       backend="triton", per_row=True)
         return out.transpose(1, 2), probs
@@ -420,7 +424,7 @@ class SlotLayer(TokenLayer):
         live = self.live(pos).unsqueeze(-2)
         if q == 1:
             return live
-        q_pos = self.seen_t - q + torch.arange(q, device=pos.device, dtype=pos.dtype)
+        q_pos = self.query_positions(q)
         return live & (pos.unsqueeze(-2) <= q_pos.view(1, 1, -1, 1))
 
     def after_decode(self, query: torch.Tensor, probs: torch.Tensor) -> None:
